@@ -159,7 +159,7 @@ def _spp_static(x, levels: Levels, pooling: str):
 def _spp_masked(x, valid_sizes, levels: Levels, pooling: str):
   if pooling == "avg":
     return _concat([_avg_level(x, valid_sizes, lv) for lv in levels])
-  return _max_pyramid(x, levels, lambda level: _max_level_masked(x, valid_sizes, level))
+  return _max_pyramid(x, levels, lambda level: _max_level_traced(x, valid_sizes, level))
 
 
 def _concat(pooled: list[jax.Array]) -> jax.Array:
@@ -267,21 +267,96 @@ def _bin_max_grad(g: jax.Array, args: jax.Array, bins, size: int, axis: int) -> 
   return jnp.stack(out, axis=axis)
 
 
-# ----------------------------------------------------------------------------- max, masked
+# ----------------------------------------------------------------------------- max, traced
 
 
-def _max_level_masked(x: jax.Array, valid_sizes: jax.Array, level) -> jax.Array:
-  """x: (N, H, W, C), valid_sizes (N, 2) -> (N, nh, nw, C) over each example's own region."""
+def _max_level_traced(x: jax.Array, valid_sizes: jax.Array, level) -> jax.Array:
+  """x: (N, H, W, C), valid_sizes (N, 2) -> (N, nh, nw, C) over each example's own region.
+
+  A bin never spans more than K = ceil(A/n) + 1 cells of an axis of padded length A, so each
+  bin is a gather of K rows (columns) whose cells beyond the bin are replaced by -inf: about
+  (A + n)/A reads of x, whatever the valid sizes, and one executable per padded shape.
+  """
   _, h, w, _ = x.shape
-  neg_inf = jnp.array(-jnp.inf, x.dtype)
-  row_masks = _bin_masks(valid_sizes[:, 0], level[0], h)   # (N, nh, H)
-  col_masks = _bin_masks(valid_sizes[:, 1], level[1], w)   # (N, nw, W)
-  # Columns outside the example are cleared before the row reduction so that NaN padding
-  # cannot enter even the discarded part of the intermediate.
-  col_valid = col_masks.any(axis=1)                        # (N, W)
-  x = jnp.where(col_valid[:, None, :, None], x, neg_inf)
-  y1 = jnp.max(jnp.where(row_masks[:, :, :, None, None], x[:, None], neg_inf), axis=2)
-  return jnp.max(jnp.where(col_masks[:, None, :, :, None], y1[:, :, None], neg_inf), axis=3)
+  row_starts, row_sizes = _traced_edges(valid_sizes[:, 0], level[0])
+  col_starts, col_sizes = _traced_edges(valid_sizes[:, 1], level[1])
+  # Columns outside the example are cleared first so that padding (NaN and inf included)
+  # cannot reach the row stage's outputs, which the column stage then discards.
+  col_valid = jnp.arange(w)[None, :] < valid_sizes[:, 1:2]
+  x = jnp.where(col_valid[:, None, :, None], x, jnp.array(-jnp.inf, x.dtype))
+  return _gathered_max(x, row_starts, row_sizes, col_starts, col_sizes,
+                       _max_bin_len(h, level[0]), _max_bin_len(w, level[1]))
+
+
+def _traced_edges(sizes: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """sizes: (N,) -> bin starts and lengths, each (N, n) int32."""
+  i = jnp.arange(n, dtype=jnp.int32)[None, :]
+  s = sizes.astype(jnp.int32)[:, None]
+  starts = (i * s) // n
+  return starts, -((-(i + 1) * s) // n) - starts
+
+
+def _max_bin_len(length: int, n: int) -> int:
+  return min(length, -(-length // n) + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _gathered_max(x, row_starts, row_sizes, col_starts, col_sizes, k_rows, k_cols):
+  return _gathered_max_fwd(x, row_starts, row_sizes, col_starts, col_sizes, k_rows, k_cols)[0]
+
+
+def _gathered_max_fwd(x, row_starts, row_sizes, col_starts, col_sizes, k_rows, k_cols):
+  y1, arg_rows = _window_max(x, row_starts, row_sizes, k_rows)
+  y, arg_cols = _window_max(y1.swapaxes(1, 2), col_starts, col_sizes, k_cols)
+  res = (arg_rows, arg_cols, row_starts, row_sizes, col_starts, col_sizes, x.shape[1], x.shape[2])
+  return y.swapaxes(1, 2), res
+
+
+def _gathered_max_bwd(k_rows, k_cols, res, g):
+  arg_rows, arg_cols, row_starts, row_sizes, col_starts, col_sizes, h, w = res
+  g1 = _window_max_grad(g.swapaxes(1, 2), arg_cols, col_starts, k_cols, w).swapaxes(1, 2)
+  dx = _window_max_grad(g1, arg_rows, row_starts, k_rows, h)
+  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return dx, zero(row_starts), zero(row_sizes), zero(col_starts), zero(col_sizes)
+
+
+_gathered_max.defvjp(_gathered_max_fwd, _gathered_max_bwd)
+
+
+def _window_rows(starts: jax.Array, k: int, length: int) -> jax.Array:
+  """(N, n) starts -> (N, n * k) row indices of each bin's window, clipped to the axis."""
+  rows = starts[:, :, None] + jnp.arange(k, dtype=jnp.int32)
+  return jnp.minimum(rows, length - 1).reshape(starts.shape[0], -1)
+
+
+def _window_max(x, starts, sizes, k: int):
+  """x: (N, A, W, C), bins (N, n) -> max (N, n, W, C) and arg-max offset within the bin."""
+  n, a = x.shape[:2]
+  n_bins = starts.shape[1]
+  rows = _window_rows(starts, k, a)[:, :, None, None]
+  xg = jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds")
+  xg = xg.reshape(n, n_bins, k, *x.shape[2:])
+  inside = (jnp.arange(k) < sizes[:, :, None])[..., None, None]
+  xg = jnp.where(inside, xg, jnp.array(-jnp.inf, x.dtype))
+  best = xg[:, :, 0]
+  arg = jnp.zeros(best.shape, _index_dtype(k))
+  for offset in range(1, k):
+    v = xg[:, :, offset]
+    better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
+    best = jnp.where(better, v, best)
+    arg = jnp.where(better, jnp.asarray(offset, arg.dtype), arg)
+  return best, arg
+
+
+def _window_max_grad(g, arg, starts, k: int, length: int):
+  """Transpose of _window_max: (N, n, W, C) cotangents -> (N, length, W, C), one scatter."""
+  n, n_bins = g.shape[:2]
+  offsets = jnp.arange(k, dtype=arg.dtype)[None, None, :, None, None]
+  routed = jnp.where(arg[:, :, None] == offsets, g[:, :, None], jnp.zeros((), g.dtype))
+  routed = routed.reshape(n, n_bins * k, *g.shape[2:])
+  rows = _window_rows(starts, k, length)
+  dx = jnp.zeros((n, length, *g.shape[2:]), g.dtype)
+  return dx.at[jnp.arange(n)[:, None], rows].add(routed, mode="promise_in_bounds")
 
 
 # ----------------------------------------------------------------------------- avg
