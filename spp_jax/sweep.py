@@ -8,7 +8,7 @@ A sweep is declared in a config file whose `get_config(arg)` returns `define(...
       return sweep.define(
           base="configs/demo.py:multi",
           axes={"levels": {"4-2-1": {"model.spp_levels": (4, 2, 1)},
-                           "no-SPP": {"model.head": "fixed"}},
+                           "no-SPP": {ARG: "nospp"}},
                 "seed": {str(s): {"seed": s} for s in (0, 1, 2)}},
           x="levels", average_over="seed")
 
@@ -42,6 +42,9 @@ import ml_collections
 from absl import app, flags
 
 RESULTS_FILE = "results.json"
+# An axis value's key that appends a variant to the base config's argument (`file.py:a,b`)
+# instead of overriding one key: for variants such as "nospp" that change several keys.
+ARG = "_arg"
 
 
 # ----------------------------------------------------------------------------- declaring
@@ -60,14 +63,24 @@ def define(base: str, axes: Mapping[str, Mapping[str, Mapping[str, object]]], *,
   variants = []
   for combo in itertools.product(*(list(v.items()) for v in axes.values())):
     labels = {axis: label for axis, (label, _) in zip(axes, combo)}
-    overrides = {}
+    overrides, args = {}, []
     for _, values in combo:
-      overrides.update(values)
-    variants.append({"name": variant_name(labels), "labels": labels, "overrides": overrides})
+      overrides.update({k: v for k, v in values.items() if k != ARG})
+      args += [values[ARG]] if ARG in values else []
+    variants.append({"name": variant_name(labels), "labels": labels, "overrides": overrides,
+                     "config": _with_args(base, args)})
   return ml_collections.ConfigDict({
       "base": base, "axes": list(axes), "x": x, "average_over": average_over,
       "main_module": main_module, "variants": variants,
   })
+
+
+def _with_args(base: str, args: Sequence[str]) -> str:
+  """"configs/demo.py:multi" + ["nospp"] -> "configs/demo.py:multi,nospp"."""
+  if not args:
+    return base
+  file, _, arg = base.partition(":")
+  return f"{file}:{','.join([a for a in [arg, *args] if a])}"
 
 
 def variant_name(labels: Mapping[str, str]) -> str:
@@ -90,9 +103,10 @@ def load(path: str) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- running
 
 
-def command(sweep: ml_collections.ConfigDict, variant: Mapping, sweep_dir: str) -> list[str]:
+def command(sweep: ml_collections.ConfigDict, variant: Mapping, sweep_dir: str,
+            python: str = "python") -> list[str]:
   """The `python -m spp_jax.main` command line that trains one variant."""
-  args = [sys.executable, "-m", sweep.main_module, f"--config={sweep.base}",
+  args = [python, "-m", sweep.main_module, f"--config={variant['config']}",
           f"--workdir={os.path.join(sweep_dir, variant['name'])}"]
   for key, value in variant["overrides"].items():
     args.append(f"--config.{key}={value if isinstance(value, str) else repr(value)}")
@@ -116,7 +130,7 @@ def run(sweep: ml_collections.ConfigDict, sweep_dir: str) -> list[str]:
     os.makedirs(workdir, exist_ok=True)
     print(f"{tag}: running (log: {os.path.join(workdir, 'log.txt')})", flush=True)
     with open(os.path.join(workdir, "log.txt"), "a") as log:
-      code = subprocess.call(command(sweep, variant, sweep_dir), stdout=log,
+      code = subprocess.call(command(sweep, variant, sweep_dir, sys.executable), stdout=log,
                              stderr=subprocess.STDOUT)
     if code != 0 or not is_finished(sweep_dir, variant):
       print(f"{tag}: FAILED (exit code {code}); see its log.txt", flush=True)
@@ -236,12 +250,14 @@ def plot(sweep, keys, metrics, stats, path: str) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
-flags.DEFINE_string("sweep", None, "Sweep config file, `file.py[:arg]`.", required=True)
-flags.DEFINE_string("dir", None, "Sweep directory; each variant trains in DIR/<variant>.",
-                    required=True)
-flags.DEFINE_bool("dry_run", False, "Print one command per variant and run nothing.")
-flags.DEFINE_string("slurm", None, "Write a SLURM array script to this path and run nothing.")
-flags.DEFINE_bool("collect_only", False, "Only write results.csv, summary.md and plot.png.")
+def _define_flags() -> None:
+  # Defined only when run as a program: sweep files import this module as a library.
+  flags.DEFINE_string("sweep", None, "Sweep config file, `file.py[:arg]`.", required=True)
+  flags.DEFINE_string("dir", None, "Sweep directory; each variant trains in DIR/<variant>.",
+                      required=True)
+  flags.DEFINE_bool("dry_run", False, "Print one command per variant and run nothing.")
+  flags.DEFINE_string("slurm", None, "Write a SLURM array script to this path and run nothing.")
+  flags.DEFINE_bool("collect_only", False, "Only write results.csv, summary.md and plot.png.")
 
 
 def main(argv):
@@ -269,4 +285,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -19,7 +19,7 @@ FAKE_TRAINER = textwrap.dedent('''
     workdir = args["workdir"]
     levels = eval(args.get("config.model.spp_levels", "(6, 3, 2, 1)"))
     seed = int(args.get("config.seed", 0))
-    head = args.get("config.model.head", "spp")
+    head = "fixed" if "nospp" in args["config"] else "spp"
     marker = os.path.join(workdir, "attempted")
     if seed == 1 and not os.path.exists(marker):
       open(marker, "w").close()
@@ -38,7 +38,7 @@ def fake_sweep(tmp_path, monkeypatch):
       base="configs/demo.py:multi",
       axes={"levels": {"2-1": {"model.spp_levels": (2, 1)},
                        "4-2-1": {"model.spp_levels": (4, 2, 1)},
-                       "no-SPP": {"model.head": "fixed"}},
+                       "no-SPP": {sweep.ARG: "nospp"}},
             "seed": {"0": {"seed": 0}, "1": {"seed": 1}}},
       x="levels", average_over="seed", main_module="fake_trainer")
 
@@ -56,6 +56,9 @@ def test_dry_run_command_is_a_main_invocation(fake_sweep, tmp_path):
   assert "--config=configs/demo.py:multi" in cmd
   assert f"--workdir={tmp_path / 's' / 'levels=4-2-1,seed=0'}" in cmd
   assert "--config.model.spp_levels=(4, 2, 1)" in cmd and "--config.seed=0" in cmd
+  nospp = sweep.command(fake_sweep, fake_sweep.variants[4], "s")
+  assert "--config=configs/demo.py:multi,nospp" in nospp
+  assert not any(a.startswith("--config._arg") for a in nospp)
   script = sweep.slurm_script(fake_sweep, "s")
   assert "#SBATCH --array=0-5" in script and script.count(" ;;") == 6
   shlex.split(script.splitlines()[4])  # every case line is valid shell
