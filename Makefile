@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export SPP_JAX_CACHE_DIR ?= $(CURDIR)/.cache/jax
 PYTEST_ARGS ?=
 
-.PHONY: install data test demo lock clean
+.PHONY: install data test demo samples lock clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: install data
 
 demo: install data
 	$(PY) -m spp_jax.main --config configs/demo.py --workdir workdirs/demo
+
+# The sample grid shown in the README.
+samples: install data
+	$(PY) experiments/make_samples.py --config small
 
 # Refresh the pinned versions after a deliberate upgrade.
 lock: install

@@ -1,11 +1,32 @@
-"""spp_jax: spatial pyramid pooling networks (He et al., 2014) in JAX and Flax NNX."""
+"""spp_jax: spatial pyramid pooling networks (He et al., 2014) in JAX and Flax NNX.
+
+The public names are imported on first use, so that processes which only need the input
+pipeline (grain workers) do not import JAX and Flax.
+"""
+
+import importlib
 
 from spp_jax import runtime as _runtime
 
 _runtime.configure_cpu_flags()
 
-from spp_jax.layers import SpatialPyramidPooling  # noqa: E402
-from spp_jax.ops.spp import spatial_pyramid_pool, spp_output_dim  # noqa: E402
-
 __version__ = "0.1.0"
-__all__ = ["SpatialPyramidPooling", "spatial_pyramid_pool", "spp_output_dim"]
+
+_PUBLIC = {
+    "SpatialPyramidPooling": "spp_jax.layers",
+    "spatial_pyramid_pool": "spp_jax.ops.spp",
+    "spp_output_dim": "spp_jax.ops.spp",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+  if name in _PUBLIC:
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'spp_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted([*globals(), *_PUBLIC])

@@ -1,0 +1,145 @@
+"""One decoded image -> what the network sees: the training inputs and the test views.
+
+Training (SPEC §3): crop mode resizes the short side to data.resize_short, takes a random
+crop_size crop from the whole image, flips it, resizes it to the epoch's size (multi-size
+training: the same region at another resolution), alters colours and subtracts the mean.
+Full-image mode resizes the short side to s (aspect ratio kept), fits the result into its
+padded bucket, flips and alters colours.
+
+Testing (SPEC §4): centre crop, full image, 10-view, and multi-scale full images (one per
+scale; the evaluator takes windows on their feature maps).
+
+Every function takes the decoded image (a PIL image or uint8 (H, W, 3)) and returns float32
+images already normalised; each geometric step is one resampling from the source pixels
+(a crop of the resized image is resampled directly from the source region). The network's
+minimum size is guaranteed here (`SmallImage` for the "reject" policy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spp_jax.data import transforms
+from spp_jax.data.settings import DataSettings, ViewSettings
+
+
+class SmallImage(Exception):
+  """The image is smaller than data.min_size and data.small_image is "reject"."""
+
+
+def check_small(image, settings: DataSettings):
+  """Applies data.small_image to an image (array or PIL) whose short side is below min_size.
+
+  "resize": scaled up so its short side is min_size; "reject": raises SmallImage. Later steps
+  resize to configured sizes, all checked to be >= min_size, so nothing smaller leaves here.
+  """
+  h, w = transforms.image_hw(image)
+  if min(h, w) >= settings.min_size:
+    return image
+  if settings.small_image == "reject":
+    raise SmallImage(f"image of size {(h, w)} is below data.min_size={settings.min_size}")
+  return transforms.resize_short_side(image, settings.min_size)
+
+
+def _factors(settings: DataSettings, rng: np.random.Generator | None) -> np.ndarray | None:
+  """Colour alteration factors for one training image (None: none)."""
+  if rng is None or settings.color_jitter <= 0:
+    return None
+  return transforms.jitter_factors(settings.color_jitter, rng)
+
+
+def finish(images: np.ndarray, factors: list | None, settings: DataSettings) -> np.ndarray:
+  """Colour alteration and normalisation of (B, H, W, 3) images of one size, float32.
+
+  factors: per image, an array from `transforms.jitter_factors` or None (no alteration).
+  """
+  if factors is None or all(f is None for f in factors):
+    return transforms.apply_colors(images, None, settings.mean_array, settings.std_array)
+  f = np.stack([np.ones(3) if x is None else x for x in factors])  # 1, 1, 1: identity
+  return transforms.apply_colors(images, f, settings.mean_array, settings.std_array)
+
+
+def _finish(image: np.ndarray, settings: DataSettings, rng: np.random.Generator | None
+            ) -> np.ndarray:
+  return finish(image[None], [_factors(settings, rng)], settings)[0]
+
+
+def _crop_geometry(hw: tuple[int, int], short_side: int | None, crop: int
+                   ) -> tuple[int, int]:
+  """Size of the image the crop is taken from: short side resized (if set), at least crop."""
+  size = hw if short_side is None else transforms.short_side_size(hw, short_side)
+  if min(size) < crop:
+    size = transforms.short_side_size(size, crop)
+  return size
+
+
+def _resized_crop(image, resized: tuple[int, int], top: int, left: int, crop: int,
+                  out: int) -> np.ndarray:
+  """Crop (top, left, crop) of the image resized to `resized`, resampled to out x out, in one
+  pass from the source pixels."""
+  h, w = transforms.image_hw(image)
+  sy, sx = h / resized[0], w / resized[1]
+  return transforms.resized_crop(image, (top * sy, left * sx, crop * sy, crop * sx), (out, out))
+
+
+def train_crop_uint8(image, settings: DataSettings, out_size: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+  """The geometry of `train_crop` and its colour factors: (uint8 (S, S, 3), factors or None).
+  The pipeline colours a whole batch of these in one product (`finish`)."""
+  image = check_small(image, settings)
+  crop = settings.crop_size
+  resized = _crop_geometry(transforms.image_hw(image), settings.resize_short, crop)
+  top = int(rng.integers(0, resized[0] - crop + 1))
+  left = int(rng.integers(0, resized[1] - crop + 1))
+  out = _resized_crop(image, resized, top, left, crop, out_size)
+  if settings.flip and rng.random() < 0.5:
+    out = transforms.flip_left_right(out)
+  return out, _factors(settings, rng)
+
+
+def train_crop(image, settings: DataSettings, out_size: int, rng: np.random.Generator
+               ) -> np.ndarray:
+  """(out_size, out_size, 3) float32: random crop_size crop of the image resized to
+  data.resize_short, flipped, resized to out_size (one resampling), colours altered."""
+  out, factors = train_crop_uint8(image, settings, out_size, rng)
+  return finish(out[None], [factors], settings)[0]
+
+
+def full_image(image, settings: DataSettings, short_side: int, bucket: tuple[int, int],
+               rng: np.random.Generator | None = None, flip: bool = False) -> np.ndarray:
+  """(h, w, 3) float32 with min(h, w) == short_side (aspect kept) fitted into bucket.
+
+  With rng (training): random flip if data.flip, colour alteration. `flip` forces a flip.
+  """
+  image = check_small(image, settings)
+  size = transforms.short_side_size(transforms.image_hw(image), short_side)
+  size = transforms.fit_to_bucket(size, bucket, settings.min_size)
+  out = transforms.resize(image, size)
+  if flip or (rng is not None and settings.flip and rng.random() < 0.5):
+    out = transforms.flip_left_right(out)
+  return _finish(out, settings, rng)
+
+
+def eval_views(image, settings: DataSettings, view: ViewSettings,
+               buckets: list[tuple[int, int]] | None = None) -> list[np.ndarray]:
+  """The V images of one evaluation view (V = view.num_views), float32.
+
+  buckets: for "full", one padded shape; for "multiscale", one per scale (the example's bucket
+  at that scale). Multiscale order: every scale, then (view.flip) every scale flipped.
+  """
+  image = check_small(image, settings)
+  if view.kind == "center":
+    resized = _crop_geometry(transforms.image_hw(image), view.short_side, view.size)
+    top, left = transforms.corner_offsets(resized, view.size)["center"]
+    return [_finish(_resized_crop(image, resized, top, left, view.size, view.size), settings,
+                    None)]
+  if view.kind == "ten_view":
+    resized = _crop_geometry(transforms.image_hw(image), view.short_side, view.size)
+    whole = transforms.resize(image, resized)
+    return list(finish(np.stack(transforms.ten_views(whole, view.size)), None, settings))
+  if view.kind == "full":
+    return [full_image(image, settings, view.short_side, buckets[0])]
+  out = [full_image(image, settings, s, b) for s, b in zip(view.scales, buckets)]
+  if view.flip:
+    out += [o[:, ::-1] for o in out]
+  return out
