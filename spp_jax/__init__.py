@@ -17,10 +17,13 @@ _PUBLIC = {
     "spatial_pyramid_pool": "spp_jax.ops.spp",
     "spp_output_dim": "spp_jax.ops.spp",
 }
-__all__ = list(_PUBLIC)
+_SUBPACKAGES = ("models", "data", "train", "ops")
+__all__ = [*_PUBLIC, *_SUBPACKAGES]
 
 
 def __getattr__(name):
+  if name in _SUBPACKAGES:
+    return importlib.import_module(f"spp_jax.{name}")
   if name in _PUBLIC:
     value = getattr(importlib.import_module(_PUBLIC[name]), name)
     globals()[name] = value
@@ -29,4 +32,4 @@ def __getattr__(name):
 
 
 def __dir__():
-  return sorted([*globals(), *_PUBLIC])
+  return sorted([*globals(), *__all__])
