@@ -18,58 +18,50 @@ def ref_bins(size, n):
   return [((i * size) // n, -(-((i + 1) * size) // n)) for i in range(n)]
 
 
-def ref_spp(x, levels, pooling="max", valid_sizes=None):
-  """x: (N, H, W, C) numpy -> (N, C * sum(nh*nw)), one bin at a time."""
-  n, h, w, c = x.shape
-  rows = []
+def ref_bin_cells(shape, levels, valid_sizes=None):
+  """Yields (example b, bin number k over all levels, rows r0:r1, columns c0:c1)."""
+  n, h, w, _ = shape
   for b in range(n):
     hb, wb = (h, w) if valid_sizes is None else valid_sizes[b]
-    xb = x[b, :hb, :wb].astype(np.float64)
-    feats = []
+    k = 0
     for level in levels:
       nh, nw = (level, level) if isinstance(level, int) else level
-      pooled = np.zeros((nh, nw, c))
-      for i, (r0, r1) in enumerate(ref_bins(hb, nh)):
-        for j, (c0, c1) in enumerate(ref_bins(wb, nw)):
-          cell = xb[r0:r1, c0:c1].reshape(-1, c)
-          assert cell.shape[0] >= 1, "empty bin"
-          pooled[i, j] = cell.max(0) if pooling == "max" else cell.mean(0)
-      feats.append(pooled.reshape(-1))
-    rows.append(np.concatenate(feats))
-  return np.stack(rows)
+      for r0, r1 in ref_bins(hb, nh):
+        for c0, c1 in ref_bins(wb, nw):
+          yield b, k, r0, r1, c0, c1
+          k += 1
+
+
+def ref_spp(x, levels, pooling="max", valid_sizes=None):
+  """x: (N, H, W, C) numpy -> (N, C * sum(nh*nw)), one bin at a time."""
+  n, _, _, c = x.shape
+  bins = sum((lv * lv if isinstance(lv, int) else lv[0] * lv[1]) for lv in levels)
+  out = np.zeros((n, bins, c))
+  for b, k, r0, r1, c0, c1 in ref_bin_cells(x.shape, levels, valid_sizes):
+    cell = x[b, r0:r1, c0:c1].astype(np.float64).reshape(-1, c)
+    assert cell.shape[0] >= 1, "empty bin"
+    out[b, k] = cell.max(0) if pooling == "max" else cell.mean(0)
+  return out.reshape(n, -1)
 
 
 def ref_max_grad(x, levels, g, valid_sizes=None):
   """Gradient of sum(spp(x) * g) for max pooling: each bin's cotangent goes to its arg-max."""
-  n, h, w, c = x.shape
+  c = x.shape[-1]
   dx = np.zeros(x.shape, np.float64)
-  for b in range(n):
-    hb, wb = (h, w) if valid_sizes is None else valid_sizes[b]
-    k = 0
-    for level in levels:
-      nh, nw = (level, level) if isinstance(level, int) else level
-      for r0, r1 in ref_bins(hb, nh):
-        for c0, c1 in ref_bins(wb, nw):
-          cell = x[b, r0:r1, c0:c1]
-          for ch in range(c):
-            r, q = np.unravel_index(np.argmax(cell[:, :, ch]), cell.shape[:2])
-            dx[b, r0 + r, c0 + q, ch] += g[b, k * c + ch]
-          k += 1
+  for b, k, r0, r1, c0, c1 in ref_bin_cells(x.shape, levels, valid_sizes):
+    cell = x[b, r0:r1, c0:c1]
+    for ch in range(c):
+      r, q = np.unravel_index(np.argmax(cell[:, :, ch]), cell.shape[:2])
+      dx[b, r0 + r, c0 + q, ch] += g[b, k * c + ch]
   return dx
 
 
 def ref_avg_grad(x, levels, g, valid_sizes=None):
-  n, h, w, c = x.shape
+  """The same for average pooling: each cell of a bin gets the bin's cotangent / its size."""
+  c = x.shape[-1]
   dx = np.zeros(x.shape, np.float64)
-  for b in range(n):
-    hb, wb = (h, w) if valid_sizes is None else valid_sizes[b]
-    k = 0
-    for level in levels:
-      nh, nw = (level, level) if isinstance(level, int) else level
-      for r0, r1 in ref_bins(hb, nh):
-        for c0, c1 in ref_bins(wb, nw):
-          dx[b, r0:r1, c0:c1] += g[b, k * c:(k + 1) * c] / ((r1 - r0) * (c1 - c0))
-          k += 1
+  for b, k, r0, r1, c0, c1 in ref_bin_cells(x.shape, levels, valid_sizes):
+    dx[b, r0:r1, c0:c1] += g[b, k * c:(k + 1) * c] / ((r1 - r0) * (c1 - c0))
   return dx
 
 
