@@ -1,0 +1,161 @@
+"""Training across devices and processes, and SIGTERM, in subprocesses (tens of seconds).
+
+Each subprocess runs `python -m spp_jax.train.testing` (tiny stand-in model and data) with its
+own XLA_FLAGS, so this pytest process keeps its single CPU device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from spp_jax.train import load_params, testing, train_and_evaluate
+
+pytestmark = pytest.mark.slow
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _worker(workdir, devices: int, *sets: str, extra=()) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "spp_jax.train.testing", "--workdir", str(workdir)]
+  for s in sets:
+    cmd += ["--set", s]
+  return subprocess.Popen(cmd + list(extra), env=_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+  out, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, out
+
+
+def _result(out: str) -> dict:
+  lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+  assert lines, out[-3000:]
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _assert_params_close(a, b, atol):
+  """Same parameters up to float summation order (the gradient all-reduce differs)."""
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_allclose(x, y, rtol=0, atol=atol)
+
+
+def _in_process(workdir, **overrides):
+  return train_and_evaluate(testing.tiny_config(**overrides), str(workdir),
+                            models_lib=testing.TinyModels, data_lib=testing.SyntheticData())
+
+
+def test_eight_fake_devices_match_one_device(tmp_path):
+  proc = _worker(tmp_path / "eight", 8)
+  bad = _worker(tmp_path / "bad", 8, "train.batch_size=12")
+  rc, out = _finish(proc)
+  assert rc == 0, out[-3000:]
+  results = _result(out)
+  ref = _in_process(tmp_path / "one")
+  assert set(results) == set(ref)
+  # Dropout masks do not depend on the layout: the runs differ only by float rounding.
+  _assert_params_close(load_params(tmp_path / "eight"), load_params(tmp_path / "one"), 1e-5)
+  rc, out = _finish(bad)
+  assert rc == 3 and "CONFIG_ERROR config.train.batch_size=12" in out, out[-3000:]
+  assert "8 devices" in out
+  assert not (tmp_path / "bad").exists()
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  port = _free_port()
+  procs = [_worker(tmp_path / "two", 2, extra=["--coordinator", f"localhost:{port}",
+                                               "--num-processes", "2", "--process-id", str(i)])
+           for i in range(2)]
+  procs.append(_worker(tmp_path / "four", 4))  # at the same time: start-ups overlap
+  outs = [_finish(p) for p in procs]
+  for rc, out in outs:
+    assert rc == 0, out[-3000:]
+  assert _result(outs[0][1]) == _result(outs[1][1])  # every process has the global result
+  _assert_params_close(load_params(tmp_path / "two"), load_params(tmp_path / "four"), 1e-6)
+  # Both processes wrote their own data-iterator state into the checkpoint.
+  step_dir = max((tmp_path / "two" / "checkpoints").iterdir(), key=lambda p: p.name)
+  files = sorted(f for f in os.listdir(step_dir / "data") if f.endswith(".json"))
+  assert files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
+def _wait_for_event(path, event: str, timeout: float = 240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        if any(json.loads(line).get("event") == event for line in f if line.strip()):
+          return
+    time.sleep(0.2)
+  raise TimeoutError(f"no {event!r} event in {path}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted 4-epoch run in this process: (workdir, results)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  return workdir, _in_process(workdir, **{"train.num_epochs": 4})
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path, reference):
+  proc = _worker(tmp_path / "term", 1, "train.num_epochs=4", extra=["--delay", "0.3"])
+  _wait_for_event(tmp_path / "term" / "metrics.jsonl", "first_step")
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGTERM)
+  rc, out = _finish(proc, timeout=120)
+  assert rc == 0, out[-3000:]
+  assert "RESULT {}" in out  # stopped early: no final evaluation
+  with open(tmp_path / "term" / "metrics.jsonl", encoding="utf-8") as f:
+    stopped = [r for r in map(json.loads, f) if r.get("event") == "stopped"]
+  assert len(stopped) == 1 and stopped[0]["reason"] == "SIGTERM"
+  step = stopped[0]["step"]
+  assert 1 <= step < 32
+  assert str(step) in os.listdir(tmp_path / "term" / "checkpoints")
+
+  resumed = _in_process(tmp_path / "term", **{"train.num_epochs": 4})
+  assert resumed == reference[1]
+  jax.tree.map(np.testing.assert_array_equal, load_params(tmp_path / "term"),
+               load_params(reference[0]))
+
+
+def test_sigkill_then_resume_from_last_checkpoint_matches_uninterrupted(tmp_path, reference):
+  workdir = tmp_path / "kill"
+  proc = _worker(workdir, 1, "train.num_epochs=4", "train.checkpoint_every_steps=3",
+                 extra=["--delay", "0.2"])
+  deadline = time.time() + 240
+  while time.time() < deadline:  # until a checkpoint is committed (step 3 or later)
+    ckpts = workdir / "checkpoints"
+    if ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir()):
+      break
+    time.sleep(0.1)
+  time.sleep(0.5)
+  proc.kill()  # SIGKILL: no handler, possibly in the middle of a step or a save
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  resumed = _in_process(workdir, **{"train.num_epochs": 4, "train.checkpoint_every_steps": 3})
+  assert resumed == reference[1]
+  jax.tree.map(np.testing.assert_array_equal, load_params(workdir), load_params(reference[0]))
+  events = [json.loads(line).get("event") for line in open(workdir / "metrics.jsonl")]
+  assert "resume" in events
