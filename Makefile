@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export SPP_JAX_CACHE_DIR ?= $(CURDIR)/.cache/jax
 PYTEST_ARGS ?=
 
-.PHONY: install data test demo samples lock clean
+.PHONY: install data test demo demo-test samples lock clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: install data
 
 demo: install data
 	$(PY) -m spp_jax.main --config configs/demo.py --workdir workdirs/demo
+
+# The demo as a test, with its loose accuracy bound (minutes).
+demo-test: install data
+	SPP_JAX_DEMO_TEST=1 $(PY) -m pytest -q tests/test_train_demo.py
 
 # The sample grid shown in the README.
 samples: install data
