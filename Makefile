@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export SPP_JAX_CACHE_DIR ?= $(CURDIR)/.cache/jax
 PYTEST_ARGS ?=
 
-.PHONY: install data test demo demo-test samples lock clean
+.PHONY: install data test demo demo-test detect-demo samples lock clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: install data
 
 demo: install data
 	$(PY) -m spp_jax.main --config configs/demo.py --workdir workdirs/demo
+
+# SPP-net detection on embedded Fashion-MNIST scenes, against the R-CNN path (minutes).
+detect-demo: install data
+	$(PY) -m spp_jax.main --config configs/detect_demo.py --workdir workdirs/detect_demo
 
 # The demo as a test, with its loose accuracy bound (minutes).
 demo-test: install data

@@ -16,8 +16,10 @@ _PUBLIC = {
     "SpatialPyramidPooling": "spp_jax.layers",
     "spatial_pyramid_pool": "spp_jax.ops.spp",
     "spp_output_dim": "spp_jax.ops.spp",
+    "roi_spatial_pyramid_pool": "spp_jax.ops.roi_pool",
+    "project_boxes": "spp_jax.ops.boxes",
 }
-_SUBPACKAGES = ("models", "data", "train", "ops")
+_SUBPACKAGES = ("models", "data", "train", "ops", "detection", "metrics")
 __all__ = [*_PUBLIC, *_SUBPACKAGES]
 
 

@@ -48,6 +48,12 @@ def main(argv):
     with config.unlocked():
       config.allow_config_change = True
 
+  if config.get("task") == "detection":  # configs/detect_*.py: SPP-net detection (SPEC §6)
+    from spp_jax.detection.run import run  # after flags: imports jax
+
+    run(config, _WORKDIR.value, log=lambda m: print(m, flush=True))
+    return
+
   from spp_jax.train import loop, parallel, results_table  # after flags: imports jax
   from spp_jax.train.validation import ConfigError
 

@@ -118,6 +118,13 @@ def test_max_starts_from_minus_infinity(rng):
   assert (got < 0).all()
 
 
+def test_nan_in_the_map_reaches_every_bin_that_holds_it():
+  x = np.zeros((64, 13, 13, 8), np.float32)  # large enough for XLA:CPU's library reductions
+  x[:, 0, 0, :] = np.nan
+  got = np.asarray(spp_jax.spatial_pyramid_pool(jnp.asarray(x), (6, 3, 2, 1)))
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(ref_spp(x[:2], (6, 3, 2, 1)))[[0] * 64])
+
+
 def test_output_layout_and_level_order(rng):
   x = _random(rng, (2, 6, 6, 3))
   levels = (1, (2, 3), 6)

@@ -2,8 +2,8 @@
 
     python experiments/benchmarks/spp_op.py [--reps 30] [--levels 6,3,2,1]
 
-Prints, per input, the median time of each variant (runs alternated within one process so
-that machine noise hits them alike), the ratios, and the memory-bandwidth floor: the bytes
+Prints, per input, the median time of each variant (rounds alternated within one process so
+that machine noise hits them alike; the first call after a switch is not timed), the ratios, and the memory-bandwidth floor: the bytes
 the op must move (read x, write y; read dy, write dx) over a copy bandwidth measured here.
 PyTorch is used only when it happens to be importable; it is never a dependency.
 """
@@ -135,10 +135,14 @@ def main():
     for call in calls.values():  # compile / warm up
       call()
       call()
+    # Alternate variants round by round, but discard the first call after each switch: the
+    # previous framework's worker threads (torch's OpenMP pool spins after a parallel region)
+    # would otherwise be charged to the next variant.
     times = {k: [] for k in calls}
-    for _ in range(args.reps):
+    for _ in range(max(1, args.reps // 3)):
       for k, call in calls.items():
-        times[k].append(time_once(call))
+        call()
+        times[k] += [time_once(call) for _ in range(3)]
     med = {k: statistics.median(v) for k, v in times.items()}
     # Must read x and write dx once (f32), write y and read dy once.
     floor_bytes = 4 * (2 * real_cells * c + 2 * n * d)

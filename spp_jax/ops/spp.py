@@ -193,7 +193,10 @@ def _coarsen(y: jax.Array, level) -> jax.Array:
   nh, nw = level
   if (mh, mw) == (nh, nw):
     return y
-  return y.reshape(n, nh, mh // nh, nw, mw // nw, c).max(axis=(2, 4))
+  # Elementwise maxima rather than reduce_max: XLA:CPU's YNNPACK reduction can drop NaN.
+  y = y.reshape(n, nh, mh // nh, nw, mw // nw, c)
+  parts = [y[:, :, i, :, j] for i in range(mh // nh) for j in range(mw // nw)]
+  return functools.reduce(jnp.maximum, parts)
 
 
 # ----------------------------------------------------------------------------- max, static

@@ -1,0 +1,250 @@
+"""The SPP-net detection pipeline end to end (SPEC §6), from a config, into workdir/results.json.
+
+  1. data: train/test images with boxes (embedded Fashion-MNIST scenes or TFDS voc/2007);
+  2. proposals: selective search (fast), once per image, cached next to the data;
+  3. backbone: conv + fc6 + fc7 from a classification checkpoint (config.backbone.workdir;
+     trained there first with config.backbone.classification if it has no checkpoint);
+  4. SPP-net path: conv maps once per image per scale, every window pooled from its scale;
+     fc6, fc7 and a new (classes + 1)-way classifier fine-tuned on cached pooled features
+     (25 % positives); box regression on the pooled features; per-class NMS; VOC 2007 mAP;
+  5. optionally the R-CNN path on the same windows (each window warped and run through the
+     conv layers), fine-tuned and evaluated the same way, with both paths' feature times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from flax import nnx
+
+from spp_jax.detection import proposals as proposals_lib
+from spp_jax.detection import scenes as scenes_lib
+from spp_jax.detection.bbox_regression import fit_box_regressor
+from spp_jax.detection.evaluate import detect, voc_map
+from spp_jax.detection.features import WindowFeatures
+from spp_jax.detection.head import FC_LAYERS, Scorer, collect_windows, finetune
+
+
+def _model_options(model_cfg) -> dict:
+  opts = dict(spp_levels=tuple(model_cfg.spp_levels), head="spp",
+              width_multiplier=float(model_cfg.width_multiplier),
+              fc_width=int(model_cfg.fc_width), dropout_rate=float(model_cfg.dropout_rate))
+  if model_cfg.get("base_size"):
+    opts["base_size"] = int(model_cfg.base_size)
+  return opts
+
+
+def build_model(model_cfg, num_classes: int, seed: int):
+  from spp_jax import models
+
+  return models.create(model_cfg.name, num_classes=num_classes,
+                       rngs=nnx.Rngs(params=seed, dropout=seed + 1), **_model_options(model_cfg))
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  ckpt = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+
+
+def load_backbone(model, backbone_cfg, log=print) -> str:
+  """Copies conv, fc6 and fc7 from a classification checkpoint into model (the classifier
+  stays new). Trains the classification config first when the workdir has no checkpoint.
+  Returns where the weights came from."""
+  workdir = backbone_cfg.get("workdir")
+  if not workdir:
+    log("backbone: none configured, random conv/fc weights (for smoke tests only)")
+    return "random"
+  if not _has_checkpoint(workdir):
+    cls_cfg = backbone_cfg.get("classification")
+    if cls_cfg is None:
+      raise ValueError(f"backbone.workdir={workdir!r} has no checkpoint and "
+                       f"backbone.classification is not set")
+    from spp_jax.train import loop
+
+    log(f"backbone: no checkpoint in {workdir}; training {cls_cfg.model.name} on "
+        f"{cls_cfg.data.name} there first")
+    loop.train_and_evaluate(cls_cfg, workdir)
+  from spp_jax.train.checkpoint import load_params
+
+  loaded = load_params(workdir)
+  state = nnx.state(model, nnx.Param)
+  pure = state.to_pure_dict()
+  copied = []
+  for name, sub in pure.items():
+    if name == "classifier":
+      continue
+    if name not in loaded:
+      raise ValueError(f"backbone checkpoint in {workdir} has no layer {name!r}")
+    for path, leaf in _leaves(sub):
+      src = _get(loaded[name], path)
+      if np.shape(src) != np.shape(leaf):
+        raise ValueError(f"backbone layer {name}/{'/'.join(path)} has shape {np.shape(src)}, "
+                         f"the detection model expects {np.shape(leaf)}: config.model must "
+                         f"match the backbone's")
+      _set(sub, path, np.asarray(src, np.asarray(leaf).dtype))
+    copied.append(name)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  log(f"backbone: loaded {', '.join(copied)} from {workdir}")
+  return workdir
+
+
+def _leaves(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _leaves(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set(tree, path, value):
+  for k in path[:-1]:
+    tree = tree[k]
+  tree[path[-1]] = value
+
+
+def _fresh_classifier(model, model_cfg, num_classes: int, seed: int):
+  """A copy of model whose classifier is newly initialised (conv, fc6, fc7 kept)."""
+  m = nnx.clone(model)
+  init = build_model(model_cfg, num_classes, seed)
+  nnx.update(m, nnx.state(init, nnx.All(nnx.Param, nnx.PathContains("classifier"))))
+  return m
+
+
+def _run_path(name, featurize, base_model, train, train_props, test, test_props, config, log):
+  """Fine-tunes and evaluates one feature path; returns its results."""
+  det, ft = config.detection, config.finetune
+  rng = np.random.default_rng(config.seed)
+  out = {}
+  t0 = time.perf_counter()
+  windows = collect_windows(train, train_props, featurize, fg_iou=ft.fg_iou, bg_low=ft.bg_low,
+                            negatives_per_image=ft.negatives_per_image, rng=rng,
+                            positives_per_image=ft.get("positives_per_image"))
+  out["train_feature_seconds"] = time.perf_counter() - t0
+  out["train_windows"] = dict(positive=int((windows.labels > 0).sum()),
+                              negative=int((windows.labels == 0).sum()))
+  log(f"[{name}] training windows: {out['train_windows']} ({out['train_feature_seconds']:.1f} s)")
+
+  test_feats, seconds = [], []
+  for i in range(len(test)):
+    t0 = time.perf_counter()
+    test_feats.append(featurize(test.images[i], test_props[i]).astype(np.float16))
+    seconds.append(time.perf_counter() - t0)
+  # The median leaves out the images that compiled a new shape.
+  out["test_feature_seconds_per_image"] = float(np.median(seconds))
+  out["test_windows_per_image"] = float(np.mean([len(p) for p in test_props]))
+  log(f"[{name}] test features: {out['test_feature_seconds_per_image'] * 1e3:.1f} ms per image "
+      f"(median; {out['test_windows_per_image']:.0f} windows per image)")
+
+  def evaluate(model, regressor=None):
+    scorer = Scorer(model)
+    dets = []
+    for i in range(len(test)):
+      f = test_feats[i].astype(np.float32)
+      if not len(f):
+        dets.append(detect(np.zeros((0, test.num_classes + 1)), np.zeros((0, 4)), (1, 1)))
+        continue
+      refined = None if regressor is None else regressor.refine(f, test_props[i])
+      dets.append(detect(scorer(f), test_props[i], test.images[i].shape[:2], refined=refined,
+                         nms_iou=det.nms_iou, score_threshold=det.score_threshold,
+                         max_per_class=det.max_per_class, max_per_image=det.max_per_image))
+    return voc_map(dets, test)
+
+  untrained = _fresh_classifier(base_model, config.model, test.num_classes + 1, config.seed + 7)
+  untrained.eval()
+  out["untrained"] = evaluate(untrained)
+  log(f"[{name}] untrained head: mAP {out['untrained']['map_11point']:.4f} (11-point)")
+
+  model = nnx.clone(base_model)
+  t0 = time.perf_counter()
+  losses = finetune(model, windows, steps=ft.steps, batch_size=ft.batch_size,
+                    positive_fraction=ft.positive_fraction, learning_rate=ft.learning_rate,
+                    momentum=ft.momentum, weight_decay=ft.weight_decay, seed=config.seed,
+                    log_every=ft.log_every, log=lambda m: log(f"[{name}]{m}"))
+  out["finetune_seconds"] = time.perf_counter() - t0
+  out["finetune_loss"] = dict(first=losses[0], last=float(np.mean(losses[-20:])))
+  out["no_bbox_regression"] = evaluate(model)
+  log(f"[{name}] fine-tuned: mAP {out['no_bbox_regression']['map_11point']:.4f} (11-point), "
+      f"{out['no_bbox_regression']['map_area']:.4f} (area)")
+  if config.bbox_regression.enabled:
+    fg = windows.labels > 0
+    reg = fit_box_regressor(windows.features[fg], windows.boxes[fg], windows.gt_boxes[fg],
+                            windows.labels[fg] - 1, windows.iou[fg], test.num_classes,
+                            min_iou=config.bbox_regression.min_iou,
+                            lam=config.bbox_regression.lam)
+    out["bbox_regression"] = evaluate(model, reg)
+    log(f"[{name}] + box regression: mAP {out['bbox_regression']['map_11point']:.4f} "
+        f"(11-point), {out['bbox_regression']['map_area']:.4f} (area)")
+    final = out["bbox_regression"]
+  else:
+    final = out["no_bbox_regression"]
+  out["map_11point"] = final["map_11point"]
+  out["map_area"] = final["map_area"]
+  return out
+
+
+def run(config, workdir: str, log=print) -> dict:
+  """Runs the pipeline of `config` (see configs/detect_demo.py); returns and saves results."""
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+
+  data = config.data
+  train = scenes_lib.load_scenes(data, data.train_split)
+  test = scenes_lib.load_scenes(data, data.eval_split)
+  log(f"data: {data.name}: {len(train)} train / {len(test)} test images, "
+      f"{sum(len(b) for b in test.boxes)} test objects, {test.num_classes} classes "
+      f"({time.perf_counter() - start:.1f} s)")
+  cache_dir = (scenes_lib.split_dir(data) if data.name == scenes_lib.EMBEDDED else
+               os.path.join(data.get("data_dir") or os.path.expanduser("~/tensorflow_datasets"),
+                            "spp_jax_proposals", data.name.replace("/", "_")))
+  t0 = time.perf_counter()
+  train_props = proposals_lib.cached_proposals(train.images, cache_dir, data.train_split,
+                                               config.proposals)
+  test_props = proposals_lib.cached_proposals(test.images, cache_dir, data.eval_split,
+                                              config.proposals)
+  recall = proposals_lib.recall(test_props, test.boxes, 0.5)
+  log(f"proposals ({config.proposals.method}): "
+      f"{np.mean([len(p) for p in test_props]):.0f} per test image, recall@0.5 {recall:.3f} "
+      f"({time.perf_counter() - t0:.1f} s)")
+
+  num_classes = test.num_classes + 1
+  model = build_model(config.model, num_classes, config.seed)
+  source = load_backbone(model, config.backbone, log)
+  model.eval()
+  features = WindowFeatures(model, config.features.scales, data.mean, data.std,
+                            max_aspect=config.features.max_aspect,
+                            window_block=config.features.window_block)
+  results = dict(data=data.name, train_images=len(train), test_images=len(test),
+                 proposals=dict(method=config.proposals.method, recall_at_05=recall,
+                                per_test_image=float(np.mean([len(p) for p in test_props]))),
+                 backbone=source, scales=list(features.scales))
+  results["spp"] = _run_path("spp", features.spp, model, train, train_props, test, test_props,
+                             config, log)
+  if config.compare_rcnn:
+    results["rcnn"] = _run_path("rcnn", features.rcnn, model, train, train_props, test,
+                                test_props, config, log)
+    results["feature_speedup_rcnn_over_spp"] = (
+        results["rcnn"]["test_feature_seconds_per_image"]
+        / results["spp"]["test_feature_seconds_per_image"])
+  results["map_11point"] = results["spp"]["map_11point"]
+  results["map_area"] = results["spp"]["map_area"]
+  results["seconds"] = time.perf_counter() - start
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  log(f"results in {os.path.join(workdir, 'results.json')}: mAP {results['map_11point']:.4f} "
+      f"(VOC07 11-point), {results['map_area']:.4f} (area); {results['seconds']:.0f} s")
+  return results
+
+
+__all__ = ["run", "load_backbone", "build_model", "FC_LAYERS"]
