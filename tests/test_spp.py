@@ -250,6 +250,7 @@ def test_jit_and_vmap(rng):
 
 def test_unknown_batch_size_under_jit(rng):
   f = jax.jit(lambda x: spp_jax.spatial_pyramid_pool(x, (2, 1)))
+  assert f(jnp.zeros((0, 5, 6, 2))).shape == (0, 10)
   for n in (1, 3, 8):
     x = _random(rng, (n, 5, 6, 2))
     np.testing.assert_array_equal(f(jnp.asarray(x)), ref_spp(x, (2, 1)).astype(np.float32))

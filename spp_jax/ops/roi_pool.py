@@ -40,9 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spp_jax.ops.spp import Level, Levels, _concat
-from spp_jax.ops.spp import bin_edges, normalize_levels
+from spp_jax.ops.spp import bin_edges, check_pooling_input, normalize_levels
 
-_POOLINGS = ("max", "avg")
 
 
 # ----------------------------------------------------------------------------- public op
@@ -68,15 +67,9 @@ def roi_spatial_pyramid_pool(features: jax.Array, windows: jax.Array, levels: Se
     up to float rounding).
   """
   norm_levels = normalize_levels(levels)
-  if pooling not in _POOLINGS:
-    raise ValueError(f"pooling must be one of {_POOLINGS}, got pooling={pooling!r}")
-  if np.ndim(features) != 4:
-    raise ValueError(f"features must have rank 4 (N, H, W, C), got shape {np.shape(features)}")
-  if not jnp.issubdtype(jnp.result_type(features), jnp.floating):
-    raise ValueError(f"features must have a float dtype, got {jnp.result_type(features)}")
-  n, h, w, _ = np.shape(features)
-  if min(n, h, w) < 1:
-    raise ValueError(f"features must have N, H, W >= 1, got shape {np.shape(features)}")
+  n, h, w, _ = check_pooling_input("features", features, pooling)
+  if n < 1:
+    raise ValueError(f"features must hold at least one map, got shape {np.shape(features)}")
   if not isinstance(windows, jax.Array):
     windows = np.asarray(windows)
   if batch_index is not None and not isinstance(batch_index, jax.Array):

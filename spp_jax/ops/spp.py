@@ -93,6 +93,20 @@ def _bin_masks(sizes: jax.Array, n: int, length: int) -> jax.Array:
   return (p >= starts[..., None]) & (p < ends[..., None])
 
 
+def check_pooling_input(name: str, x, pooling: str) -> tuple[int, int, int, int]:
+  """Checks a (N, H, W, C) float map and the pooling mode; returns the shape."""
+  if pooling not in _POOLINGS:
+    raise ValueError(f"pooling must be one of {_POOLINGS}, got pooling={pooling!r}")
+  if np.ndim(x) != 4:
+    raise ValueError(f"{name} must have rank 4 (N, H, W, C), got shape {np.shape(x)}")
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise ValueError(f"{name} must have a float dtype, got {jnp.result_type(x)}")
+  n, h, w, c = np.shape(x)
+  if min(h, w) < 1:
+    raise ValueError(f"{name} must have H, W >= 1, got shape {np.shape(x)}")
+  return n, h, w, c
+
+
 def _check_valid_sizes(valid_sizes, n: int, h: int, w: int):
   shape = np.shape(valid_sizes)
   if shape != (n, 2):
@@ -131,15 +145,7 @@ def spatial_pyramid_pool(x: jax.Array, levels: Sequence[Level], *, pooling: str 
     concatenated in the order given.
   """
   norm_levels = normalize_levels(levels)
-  if pooling not in _POOLINGS:
-    raise ValueError(f"pooling must be one of {_POOLINGS}, got pooling={pooling!r}")
-  if np.ndim(x) != 4:
-    raise ValueError(f"x must have rank 4 (N, H, W, C), got shape {np.shape(x)}")
-  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-    raise ValueError(f"x must have a float dtype, got {jnp.result_type(x)}")
-  n, h, w, _ = np.shape(x)
-  if min(h, w) < 1:
-    raise ValueError(f"x must have H, W >= 1, got shape {np.shape(x)}")
+  n, h, w, _ = check_pooling_input("x", x, pooling)
   if valid_sizes is None:
     return _spp_static(x, norm_levels, pooling)
   _check_valid_sizes(valid_sizes, n, h, w)
@@ -164,7 +170,7 @@ def _spp_masked(x, valid_sizes, levels: Levels, pooling: str):
 
 def _concat(pooled: list[jax.Array]) -> jax.Array:
   n = pooled[0].shape[0]
-  return jnp.concatenate([p.reshape(n, -1) for p in pooled], axis=1)
+  return jnp.concatenate([p.reshape(n, math.prod(p.shape[1:])) for p in pooled], axis=1)
 
 
 # ----------------------------------------------------------------------------- max, shared
