@@ -32,7 +32,10 @@ def _cfg(name, eval_split, **overrides):
       resize_short=36, crop_size=32, flip=True, color_jitter=0.1, mean=(123.68, 116.78, 103.94),
       std=(58.39, 57.12, 57.38), full_image=dict(short_side=36, buckets=((36, 36), (36, 54),
                                                                          (54, 36))),
-      bad_image="skip", small_image="resize", min_size=16, decoder="tfds"))
+      bad_image="skip", small_image="resize", min_size=16, decoder="tfds",
+      # tfds.testing.mock_data patches TFDS classes while a source opens, which is not
+      # thread-safe: read in the calling thread so grain's prefetch threads cannot race it.
+      prefetch=0))
   c.update(overrides)
   return c
 

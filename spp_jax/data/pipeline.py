@@ -259,9 +259,9 @@ class BatchIterator:
     ds = grain.MapDataset.source(_PlanSteps(self._plan, self._step)).map(self._maker)
     if s.num_workers > 0:
       ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=_PER_WORKER_THREADS,
-                                                prefetch_buffer_size=s.prefetch))
+                                                prefetch_buffer_size=max(1, s.prefetch)))
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=s.num_workers,
-                                                       per_worker_buffer_size=s.prefetch))
+                                                       per_worker_buffer_size=max(1, s.prefetch)))
     else:
       ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=s.prefetch,
                                                 prefetch_buffer_size=s.prefetch))

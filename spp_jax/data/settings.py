@@ -84,7 +84,7 @@ class DataSettings:
   small_image: str
   min_size: int
   decoder: str
-  prefetch: int  # batches buffered ahead (per worker, or in the main process)
+  prefetch: int  # batches buffered ahead (per worker, or in the main process; 0: read in the caller's thread)
   mode: str  # training inputs: "crop" or "full_image" (the trainer copies config.train.mode)
 
   @property
@@ -129,7 +129,7 @@ def data_settings(data_cfg) -> DataSettings:
                           SMALL_IMAGE),
       min_size=min_size,
       decoder=_choice("data.decoder", _get(data_cfg, "decoder", "pillow"), DECODERS),
-      prefetch=_int("data.prefetch", _get(data_cfg, "prefetch", 2)),
+      prefetch=_int("data.prefetch", _get(data_cfg, "prefetch", 2), minimum=0),
       mode=_choice("data.mode", _get(data_cfg, "mode", "crop"), MODES),
   )
   if not 0 <= s.color_jitter <= 1:
