@@ -212,9 +212,14 @@ def markdown_table(sweep, keys, metrics, stats) -> str:
   lines = [f"Accuracy in %, mean ± std{over}.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for g, s in stats.items():
-    cells = [*g, str(s["n"]), *(f"{100 * s[m][0]:.2f} ± {100 * s[m][1]:.2f}" for m in metrics)]
+    cells = [*g, str(s["n"]), *(_percent(*s[m]) for m in metrics)]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _percent(mean: float, std: float) -> str:
+  """A cell of the table; a view that a variant does not evaluate gives a dash."""
+  return "—" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def plot(sweep, keys, metrics, stats, path: str) -> None:

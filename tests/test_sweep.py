@@ -25,8 +25,10 @@ FAKE_TRAINER = textwrap.dedent('''
       open(marker, "w").close()
       sys.exit(3)
     acc = 0.5 + 0.01 * len(levels) + 0.001 * seed - (0.1 if head == "fixed" else 0)
-    json.dump({"center/top1": acc, "center/top5": 0.9, "full/top1": acc + 0.02,
-               "full/top5": 0.95, "steps": 10}, open(os.path.join(workdir, "results.json"), "w"))
+    results = {"center/top1": acc, "center/top5": 0.9, "steps": 10}
+    if head == "spp":  # like the real no-SPP runs, which have no full-image view
+      results.update({"full/top1": acc + 0.02, "full/top5": 0.95})
+    json.dump(results, open(os.path.join(workdir, "results.json"), "w"))
 ''')
 
 
@@ -80,6 +82,7 @@ def test_run_skips_finished_reruns_failed_and_reports(fake_sweep, tmp_path):
   # 4-2-1: seeds give 0.530 and 0.531 -> 53.05 ± 0.07 (sample std).
   assert "| 4-2-1 | 2 | 53.05 ± 0.07 | 90.00 ± 0.00 | 55.05 ± 0.07 | 95.00 ± 0.00 |" in table
   assert table.index("| 2-1 |") < table.index("| 4-2-1 |") < table.index("| no-SPP |")
+  assert "| no-SPP | 2 | 44.05 ± 0.07 | 90.00 ± 0.00 | — | — |" in table
   assert os.path.getsize(paths["plot"]) > 1000
 
 
