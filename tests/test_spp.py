@@ -164,6 +164,27 @@ def test_gradient_matches_reference(rng, h, w, levels, pooling):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("h,w,levels,sizes", [
+    (7, 5, (4, 2, 1), None),
+    (13, 13, (6, 3, 2, 1), None),
+    (9, 8, (3, 2, 1), [[9, 8], [4, 7]]),
+])
+def test_ties_send_each_bin_gradient_to_exactly_one_maximal_cell(rng, h, w, levels, sizes):
+  # ReLU maps are full of equal values: a bin's gradient must be neither split nor doubled.
+  x = rng.integers(0, 2, (2, h, w, 2)).astype(np.float32)
+  pool = lambda x: spp_jax.spatial_pyramid_pool(x, levels, valid_sizes=sizes)
+  jac = np.asarray(jax.jacrev(pool)(jnp.asarray(x)))  # (N, D, N, H, W, C)
+  c = x.shape[-1]
+  for b, k, r0, r1, c0, c1 in ref_bin_cells(x.shape, levels, sizes):
+    for ch in range(c):
+      d = jac[b, k * c + ch]
+      hits = np.argwhere(d != 0)
+      assert len(hits) == 1 and d[tuple(hits[0])] == 1, (b, k, ch, hits)
+      _, r, q, hit_ch = hits[0]
+      assert hit_ch == ch and r0 <= r < r1 and c0 <= q < c1
+      assert x[b, r, q, ch] == x[b, r0:r1, c0:c1, ch].max()
+
+
 # ----------------------------------------------------------------------------- mixed sizes
 
 MIXED_SIZES = np.array([[13, 13], [1, 1], [10, 3], [4, 13], [11, 7]], np.int32)

@@ -9,14 +9,17 @@ How it is computed, and why:
   max over its rows. Rows are reduced first (N, H, W, C) -> (N, nh, W, C), then columns.
 - Levels nest: when a level (nh, nw) divides a finer one (mh, mw) on both axes, every coarse
   bin is exactly the union of (mh/nh) x (mw/nw) fine bins, so (3, 2, 1) come from the 6x6
-  result and the input is read once.
-- With static sizes each row belongs to one or two bins, so the forward pass keeps the arg-max
-  row/column of every bin and a custom VJP sends each bin's gradient to it in one pass that
-  touches every input element about once (autodiff of per-bin slices would scatter once per bin).
-- With `valid_sizes` the bins differ per example and may be traced: bins become masks over the
-  padded axis, built from the sizes inside the compiled function (one compilation per padded
-  shape). Masked cells are replaced by -inf (max) or 0 (avg) before any arithmetic, so padding,
-  NaN and inf included, never reaches a result or a gradient.
+  result (1x1 from 3x3) and the input is read once.
+- Every stage keeps the arg-max of each bin (the first maximum; NaN wins), and custom VJPs
+  send each bin's gradient to that one cell, in one pass per stage over the stage's input.
+  Ties (ReLU zeros) are never split or counted twice.
+- With static sizes each bin is a static range. With `valid_sizes` the bins differ per
+  example and may be traced: offset o of every bin is a gather of row start + o, masked past
+  the bin's end (one compilation per padded shape). Cells past an example's size are masked
+  or never read, and gradients are selected, never multiplied, so padding (NaN and inf
+  included) never reaches a result or a gradient.
+- XLA:CPU fuses cheap producers into each consumer, which would recompute the arg-max chains
+  inside every backward fusion; `_isolated` keeps each stage's results in buffers.
 """
 
 from __future__ import annotations
@@ -177,16 +180,17 @@ def _concat(pooled: list[jax.Array]) -> jax.Array:
 
 
 def _max_pyramid(x, levels: Levels, pool_root) -> jax.Array:
-  """Pools the finest levels from x and every level they divide from their result."""
-  roots: dict[tuple[int, int], jax.Array] = {}
+  """Pools the finest levels from x, and every other level from the smallest pooled level
+  it divides (1x1 from 3x3 rather than from 6x6: 9 maxima per bin instead of 36)."""
+  pooled: dict[tuple[int, int], jax.Array] = {}
   for level in sorted(set(levels), key=lambda lv: -lv[0] * lv[1]):
-    if not any(_divides(level, root) for root in roots):
-      roots[level] = pool_root(level)
-  pooled = []
-  for level in levels:
-    root = next(r for r in roots if _divides(level, r))
-    pooled.append(_coarsen(roots[root], level))
-  return _concat(pooled)
+    sources = [lv for lv in pooled if _divides(level, lv)]
+    if sources:
+      source = min(sources, key=lambda lv: lv[0] * lv[1])
+      pooled[level] = _coarsen(pooled[source], level)
+    else:
+      pooled[level] = pool_root(level)
+  return _concat([pooled[level] for level in levels])
 
 
 def _divides(level, root) -> bool:
@@ -195,14 +199,52 @@ def _divides(level, root) -> bool:
 
 def _coarsen(y: jax.Array, level) -> jax.Array:
   """(N, mh, mw, C) fine bins -> (N, nh, nw, C) coarse bins; exact for the bin rule."""
-  n, mh, mw, c = y.shape
-  nh, nw = level
-  if (mh, mw) == (nh, nw):
+  _, mh, mw, _ = y.shape
+  if (mh, mw) == tuple(level):
     return y
+  return _coarse_max(y, mh // level[0], mw // level[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _coarse_max(y, kh: int, kw: int):
+  return _coarse_max_fwd(y, kh, kw)[0]
+
+
+def _fine_bins(y: jax.Array, kh: int, kw: int) -> list[jax.Array]:
+  """The kh * kw fine bins of every coarse bin, each (N, nh, nw, C), in row-major order."""
+  n, mh, mw, c = y.shape
+  y = y.reshape(n, mh // kh, kh, mw // kw, kw, c)
+  return [y[:, :, i, :, j] for i in range(kh) for j in range(kw)]
+
+
+def _coarse_max_fwd(y, kh: int, kw: int):
+  return _isolated(lambda y: _coarse_max_chain(y, kh, kw), y)
+
+
+def _coarse_max_chain(y, kh: int, kw: int):
   # Elementwise maxima rather than reduce_max: XLA:CPU's YNNPACK reduction can drop NaN.
-  y = y.reshape(n, nh, mh // nh, nw, mw // nw, c)
-  parts = [y[:, :, i, :, j] for i in range(mh // nh) for j in range(mw // nw)]
-  return functools.reduce(jnp.maximum, parts)
+  parts = _fine_bins(y, kh, kw)
+  best, win = parts[0], jnp.zeros(parts[0].shape, jnp.int8)
+  for k, v in enumerate(parts[1:], 1):
+    better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
+    best = jnp.where(better, v, best)
+    win = jnp.where(better, jnp.int8(k), win)
+  return best, win
+
+
+def _coarse_max_bwd(kh: int, kw: int, win, g):
+  """Each coarse bin's gradient goes to the fine bin that held its maximum (autodiff of the
+  maxima would split ties and costs XLA:CPU 20x more than the whole fine level)."""
+  n, nh, nw, c = g.shape
+  # One broadcast select: fine bin (i, j) of a coarse bin gets g where win == i * kw + j.
+  local = (jnp.arange(kh, dtype=jnp.int8)[:, None] * kw
+           + jnp.arange(kw, dtype=jnp.int8)[None, :])[None, None, :, None, :, None]
+  dy = jnp.where(win[:, :, None, :, None] == local, g[:, :, None, :, None],
+                 jnp.zeros((), g.dtype))
+  return (dy.reshape(n, nh * kh, nw * kw, c),)
+
+
+_coarse_max.defvjp(_coarse_max_fwd, _coarse_max_bwd)
 
 
 # ----------------------------------------------------------------------------- max, static
@@ -222,18 +264,38 @@ def _separable_max(x, rows, cols):
 
 
 def _separable_max_fwd(x, rows, cols):
-  y1, arg_rows = _bin_max(x, rows, axis=1)
-  y, arg_cols = _bin_max(y1, cols, axis=2)
+  y1, arg_rows = _isolated(lambda x: _bin_max(x, rows, axis=1), x)
+  y, arg_cols = _isolated(lambda y1: _bin_max(y1, cols, axis=2), y1)
   return y, (arg_rows, arg_cols, x.shape[1], x.shape[2])
 
 
 def _separable_max_bwd(rows, cols, res, g):
   arg_rows, arg_cols, h, w = res
-  g1 = _bin_max_grad(g, arg_cols, cols, w, axis=2)
-  return (_bin_max_grad(g1, arg_rows, rows, h, axis=1),)
+  g1 = _isolated(lambda g, a: _bin_max_grad(g, a, w, axis=2), g, arg_cols)
+  return (_bin_max_grad(g1, arg_rows, h, axis=1),)
 
 
 _separable_max.defvjp(_separable_max_fwd, _separable_max_bwd)
+
+
+def _isolated(fn, *args):
+  """fn(*args), computed into buffers before anything reads the result.
+
+  XLA:CPU fuses cheap elementwise producers into each of their consumers, so the arg-max
+  chains of a forward pass would be recomputed inside every fusion of the backward pass that
+  reads them (20x slower fwd + bwd; `optimization_barrier` is expanded before fusion there).
+  Nothing outside a conditional's branch fuses with what is inside, so fn runs as the branch
+  of one whose predicate is true for every input but cannot be folded; the other branch is
+  never taken.
+  """
+  leaves = jax.tree.leaves(args)
+  if any(leaf.size == 0 for leaf in leaves):
+    return fn(*args)
+  probe = jnp.isnan(leaves[0].reshape(-1)[0])
+  out_shapes = jax.eval_shape(fn, *args)
+  return jax.lax.cond(probe | ~probe, fn,
+                      lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes),
+                      *args)
 
 
 def _index_dtype(size: int):
@@ -262,18 +324,19 @@ def _bin_max(x: jax.Array, bins, axis: int):
   return jnp.stack(values, axis=axis), jnp.stack(args, axis=axis)
 
 
-def _bin_max_grad(g: jax.Array, args: jax.Array, bins, size: int, axis: int) -> jax.Array:
-  """Transpose of _bin_max: sends each bin's gradient to its arg-max along `axis`."""
-  members: list[list[int]] = [[] for _ in range(size)]
-  for b, (start, end) in enumerate(bins):
-    for p in range(start, end):
-      members[p].append(b)
-  take = lambda a, b: jax.lax.index_in_dim(a, b, axis, keepdims=False)
-  out = []
-  for p, bs in enumerate(members):
-    terms = [jnp.where(take(args, b) == p, take(g, b), 0) for b in bs]
-    out.append(functools.reduce(jnp.add, terms).astype(g.dtype))
-  return jnp.stack(out, axis=axis)
+def _bin_max_grad(g: jax.Array, args: jax.Array, size: int, axis: int) -> jax.Array:
+  """Transpose of _bin_max: sends each bin's gradient to its arg-max along `axis`.
+
+  One pass over the output: cell p sums, over the bins, the gradients of those whose arg-max
+  is p (a compare per bin, and no per-cell slices to concatenate afterwards).
+  """
+  shape = [1] * g.ndim
+  shape[axis] = size
+  p = jax.lax.broadcasted_iota(args.dtype, shape, axis)
+  zero = jnp.zeros((), g.dtype)
+  take = lambda a, b: jax.lax.slice_in_dim(a, b, b + 1, axis=axis)
+  terms = [jnp.where(take(args, b) == p, take(g, b), zero) for b in range(g.shape[axis])]
+  return functools.reduce(jnp.add, terms)
 
 
 # ----------------------------------------------------------------------------- max, traced
@@ -289,10 +352,8 @@ def _max_level_traced(x: jax.Array, valid_sizes: jax.Array, level) -> jax.Array:
   _, h, w, _ = x.shape
   row_starts, row_sizes = _traced_edges(valid_sizes[:, 0], level[0])
   col_starts, col_sizes = _traced_edges(valid_sizes[:, 1], level[1])
-  # Columns outside the example are cleared first so that padding (NaN and inf included)
-  # cannot reach the row stage's outputs, which the column stage then discards.
-  col_valid = jnp.arange(w)[None, :] < valid_sizes[:, 1:2]
-  x = jnp.where(col_valid[:, None, :, None], x, jnp.array(-jnp.inf, x.dtype))
+  # The row stage also pools padding columns; the column stage never reads them, and the
+  # backward pass selects gradients (never multiplies), so padding cannot leak either way.
   return _gathered_max(x, row_starts, row_sizes, col_starts, col_sizes,
                        _max_bin_len(h, level[0]), _max_bin_len(w, level[1]))
 
@@ -315,16 +376,17 @@ def _gathered_max(x, row_starts, row_sizes, col_starts, col_sizes, k_rows, k_col
 
 
 def _gathered_max_fwd(x, row_starts, row_sizes, col_starts, col_sizes, k_rows, k_cols):
-  y1, arg_rows = _window_max(x, row_starts, row_sizes, k_rows)
-  y, arg_cols = _window_max(y1.swapaxes(1, 2), col_starts, col_sizes, k_cols)
+  y1, arg_rows = _isolated(lambda x: _window_max(x, row_starts, row_sizes, k_rows), x)
+  y, arg_cols = _isolated(lambda y1: _window_max(y1.swapaxes(1, 2), col_starts, col_sizes, k_cols),
+                          y1)
   res = (arg_rows, arg_cols, row_starts, row_sizes, col_starts, col_sizes, x.shape[1], x.shape[2])
   return y.swapaxes(1, 2), res
 
 
 def _gathered_max_bwd(k_rows, k_cols, res, g):
   arg_rows, arg_cols, row_starts, row_sizes, col_starts, col_sizes, h, w = res
-  g1 = _window_max_grad(g.swapaxes(1, 2), arg_cols, col_starts, k_cols, w).swapaxes(1, 2)
-  dx = _window_max_grad(g1, arg_rows, row_starts, k_rows, h)
+  g1 = _isolated(lambda g: _window_max_grad(g.swapaxes(1, 2), arg_cols, col_starts, w), g)
+  dx = _window_max_grad(g1.swapaxes(1, 2), arg_rows, row_starts, h)
   zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
   return dx, zero(row_starts), zero(row_sizes), zero(col_starts), zero(col_sizes)
 
@@ -332,40 +394,42 @@ def _gathered_max_bwd(k_rows, k_cols, res, g):
 _gathered_max.defvjp(_gathered_max_fwd, _gathered_max_bwd)
 
 
-def _window_rows(starts: jax.Array, k: int, length: int) -> jax.Array:
-  """(N, n) starts -> (N, n * k) row indices of each bin's window, clipped to the axis."""
-  rows = starts[:, :, None] + jnp.arange(k, dtype=jnp.int32)
-  return jnp.minimum(rows, length - 1).reshape(starts.shape[0], -1)
-
-
 def _window_max(x, starts, sizes, k: int):
-  """x: (N, A, W, C), bins (N, n) -> max (N, n, W, C) and arg-max offset within the bin."""
-  n, a = x.shape[:2]
-  n_bins = starts.shape[1]
-  rows = _window_rows(starts, k, a)[:, :, None, None]
-  xg = jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds")
-  xg = xg.reshape(n, n_bins, k, *x.shape[2:])
-  inside = (jnp.arange(k) < sizes[:, :, None])[..., None, None]
-  xg = jnp.where(inside, xg, jnp.array(-jnp.inf, x.dtype))
-  best = xg[:, :, 0]
-  arg = jnp.zeros(best.shape, _index_dtype(k))
-  for offset in range(1, k):
-    v = xg[:, :, offset]
+  """x: (N, A, W, C), bins (N, n) -> max (N, n, W, C) and arg-max offset within the bin.
+
+  Offset o of every bin is one gather of rows start + o, so the chain reads x about
+  (A + n) / A times without materialising the windows.
+  """
+  a = x.shape[1]
+  neg = jnp.array(-jnp.inf, x.dtype)
+  best = arg = None
+  for offset in range(k):
+    rows = jnp.minimum(starts + offset, a - 1)[:, :, None, None]
+    v = jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds")
+    if best is None:  # Offset 0 is inside every bin (sizes >= 1).
+      best, arg = v, jnp.zeros(v.shape, _index_dtype(k))
+      continue
+    v = jnp.where((offset < sizes)[:, :, None, None], v, neg)
     better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
     best = jnp.where(better, v, best)
     arg = jnp.where(better, jnp.asarray(offset, arg.dtype), arg)
   return best, arg
 
 
-def _window_max_grad(g, arg, starts, k: int, length: int):
-  """Transpose of _window_max: (N, n, W, C) cotangents -> (N, length, W, C), one scatter."""
-  n, n_bins = g.shape[:2]
-  offsets = jnp.arange(k, dtype=arg.dtype)[None, None, :, None, None]
-  routed = jnp.where(arg[:, :, None] == offsets, g[:, :, None], jnp.zeros((), g.dtype))
-  routed = routed.reshape(n, n_bins * k, *g.shape[2:])
-  rows = _window_rows(starts, k, length)
-  dx = jnp.zeros((n, length, *g.shape[2:]), g.dtype)
-  return dx.at[jnp.arange(n)[:, None], rows].add(routed, mode="promise_in_bounds")
+def _window_max_grad(g, arg, starts, length: int):
+  """Transpose of _window_max: (N, n, W, C) cotangents -> (N, length, W, C).
+
+  Cell p receives the gradient of every bin whose arg-max it is: one pass over the output
+  with n compares per cell, instead of a scatter into a zeroed buffer.
+  """
+  p = jnp.arange(length, dtype=jnp.int32)[None, :, None, None]
+  zero = jnp.zeros((), g.dtype)
+  dx = None
+  for b in range(g.shape[1]):
+    source = starts[:, b, None, None, None] + arg[:, b:b + 1].astype(jnp.int32)
+    term = jnp.where(p == source, g[:, b:b + 1], zero)
+    dx = term if dx is None else dx + term
+  return dx
 
 
 # ----------------------------------------------------------------------------- avg
