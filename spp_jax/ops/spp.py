@@ -312,14 +312,16 @@ def _bin_max(x: jax.Array, bins, axis: int):
   take = lambda p: jax.lax.index_in_dim(x, p, axis, keepdims=False)
   values, args = [], []
   for start, end in bins:
+    # The values are a plain chain of maxima (NaN-propagating, like jnp.max) so that their
+    # fusion, which XLA keeps apart from the arg-max's, costs one op per cell.
+    values.append(functools.reduce(jnp.maximum, [take(p) for p in range(start, end)]))
     best = take(start)
     arg = jnp.full(best.shape, start, idx_dtype)
     for p in range(start + 1, end):
       v = take(p)
       better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
-      best = jnp.where(better, v, best)
+      best = jnp.maximum(best, v)
       arg = jnp.where(better, jnp.asarray(p, idx_dtype), arg)
-    values.append(best)
     args.append(arg)
   return jnp.stack(values, axis=axis), jnp.stack(args, axis=axis)
 
