@@ -45,11 +45,16 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self._logdir = os.path.join(workdir, "tensorboard")
     if not enabled:
       return
-    SummaryWriter = _import_summary_writer()
-    self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def _tensorboard(self):
+    # Made at the first scalar: its import and writer thread stay off the way to the first step.
+    if self._tb is None:
+      self._tb = _import_summary_writer()(logdir=self._logdir)
+    return self._tb
 
   def write(self, step: int, scalars: dict[str, Any], extra: dict[str, Any] | None = None):
     """scalars go to TensorBoard and the JSON line; extra (strings, ints) to the line only."""
@@ -57,7 +62,7 @@ class MetricWriter:
       return
     for key, value in scalars.items():
       if isinstance(value, (int, float)) and math.isfinite(value):
-        self._tb.add_scalar(key, value, step)
+        self._tensorboard().add_scalar(key, value, step)
     self.event(dict(step=step, **(extra or {}), **scalars))
 
   def event(self, record: dict[str, Any]):
@@ -70,12 +75,13 @@ class MetricWriter:
 
   def flush(self):
     if self.enabled:
-      self._tb.flush()
+      self._tensorboard().flush()
       self._jsonl.flush()
 
   def close(self):
     if self.enabled:
-      self._tb.close()
+      if self._tb is not None:
+        self._tb.close()
       self._jsonl.close()
       self.enabled = False
 
