@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
+
+# spp_jax/__init__ imports this module first: every spp_jax source this process runs was read
+# after this moment (the program cache turns itself off if one changed later).
+IMPORTED_AT = time.time()
 
 # Keeps XLA:CPU convolutions off the YNNPACK path (Eigen instead): 1.4-1.5x faster ZF-5
 # steps with jaxlib 0.10.2 (PERF-NOTES). Experimental and tied to the jaxlib version.

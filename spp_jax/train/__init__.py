@@ -7,7 +7,9 @@
   state        the train state pytree and its creation
   steps        pure train/eval steps
   compiled     one logged compilation per input shape
+  program_cache  executables (and initial states) on disk: a warm run neither traces nor compiles
   checkpoint   orbax checkpoints (state, position in the data, random state)
+  process_json   the checkpoint item holding each process's input position
   evaluate     masked evaluation over views
   metrics      TensorBoard, metrics.jsonl, progress bar, results table
   loop         train_and_evaluate

@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
   """Every key the trainer reads, with the paper's ImageNet protocol as defaults (SPEC §3)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # Persistent XLA compilation cache; None -> $SPP_JAX_CACHE_DIR or ~/.cache/spp_jax/jax, "" -> off.
+  # Persistent XLA compilation cache, and the program cache in its spp_jax_programs/ (a warm run
+  # loads its executables untraced); None -> $SPP_JAX_CACHE_DIR or ~/.cache/spp_jax/jax, "" -> off.
   c.compilation_cache_dir = None
   # A workdir whose config.json differs in a key that changes the run is refused unless True.
   c.allow_config_change = False

@@ -19,6 +19,7 @@ import numpy as np
 
 from spp_jax.train import parallel
 from spp_jax.train.compiled import CompiledCache, CompileRecord
+from spp_jax.train.program_cache import ProgramCache
 from spp_jax.train.steps import make_eval_step
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ class Evaluator:
   """Runs every view of config.eval on a TrainState; one compilation per batch shape."""
 
   def __init__(self, eval_graphdef, mesh, data_lib, data_cfg, eval_cfg,
-               on_compile: Callable[[CompileRecord], None] | None = None):
+               on_compile: Callable[[CompileRecord], None] | None = None,
+               programs: ProgramCache | None = None):
+    """eval_graphdef: the eval-mode graph definition, or a function returning it (called only
+    when a step must be traced). programs: optional on-disk cache of executables."""
     self._mesh = mesh
     self._data = data_lib
     self._data_cfg = data_cfg
@@ -39,6 +43,7 @@ class Evaluator:
     self._sharding = parallel.batch_sharded(mesh)
     self._graphdef = eval_graphdef
     self._on_compile = on_compile
+    self._programs = programs
     self._rep = parallel.replicated(mesh)
     # One compiled-step cache per variant: (uses image sizes, per-view shapes or None).
     self.steps: dict[tuple, CompiledCache] = {}
@@ -50,9 +55,12 @@ class Evaluator:
     if key not in self.steps:
       name = "eval_step" + ("[image_size]" if sized else "") + (
           f"[views {view_shapes}]" if view_shapes else "")
-      fn = make_eval_step(self._graphdef, use_image_sizes=sized, view_shapes=view_shapes)
-      self.steps[key] = CompiledCache(name, jax.jit(fn, out_shardings=self._rep),
-                                      self._on_compile)
+
+      def make_jitted():
+        graphdef = self._graphdef() if callable(self._graphdef) else self._graphdef
+        fn = make_eval_step(graphdef, use_image_sizes=sized, view_shapes=view_shapes)
+        return jax.jit(fn, out_shardings=self._rep)
+      self.steps[key] = CompiledCache(name, make_jitted, self._on_compile, self._programs)
     return self.steps[key]
 
   def _step_for(self, view, batch) -> CompiledCache:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -32,6 +33,7 @@ from spp_jax.train.compiled import CompiledCache, CompileRecord
 from spp_jax.train.evaluate import Evaluator
 from spp_jax.train.metrics import MetricWriter, Progress
 from spp_jax.train.preemption import StopSignal
+from spp_jax.train.program_cache import ProgramCache
 from spp_jax.train.steps import make_train_step
 from spp_jax.train.validation import ConfigError, validate_config
 
@@ -116,14 +118,14 @@ def train_and_evaluate(config, workdir: str, *, models_lib=None,
     an incompatible config; NonFiniteLossError when the loss stops being finite.
   """
   t_start = time.time()
-  runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
+  cache_dir = runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
   parallel.initialize_distributed(config.distributed)
   models_lib, data_lib = _libs(models_lib, data_lib)
   info = validate_config(config, device_count=jax.device_count(),
                          process_count=jax.process_count(), models_lib=models_lib)
   workdir = os.path.abspath(workdir)
   workdir_lib.check_and_save_config(config, workdir, write=jax.process_index() == 0)
-  trainer = _Trainer(config, workdir, models_lib, data_lib, info, t_start)
+  trainer = _Trainer(config, workdir, models_lib, data_lib, info, t_start, cache_dir)
   try:
     return trainer.run()
   finally:
@@ -133,7 +135,7 @@ def train_and_evaluate(config, workdir: str, *, models_lib=None,
 class _Trainer:
   """State of one train_and_evaluate call; `run` is the loop."""
 
-  def __init__(self, config, workdir, models_lib, data_lib, info, t_start):
+  def __init__(self, config, workdir, models_lib, data_lib, info, t_start, cache_dir=None):
     self.config = config
     self.workdir = workdir
     self.models = models_lib
@@ -163,29 +165,44 @@ class _Trainer:
     self.mesh = parallel.make_mesh()
     self.rep = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharded(self.mesh)
-    self.defs = state_lib.model_defs(models_lib, config.model, self.num_classes)
     self.writer = MetricWriter(workdir, enabled=self.is_main)
     self.clock = _Clock()
     self.compile_seconds = 0.0
     self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.train.keep_checkpoints)
-    self.train_step = CompiledCache(
-        "train_step",
-        jax.jit(make_train_step(self.defs.train, self.tx,
-                                use_image_sizes=(self.mode == "full_image")),
-                in_shardings=(self.rep, self.batch_sharding), out_shardings=(self.rep, self.rep),
-                donate_argnums=0),
-        self._on_compile)
-    self.evaluator = Evaluator(self.defs.eval, self.mesh, data_lib, self.data_cfg, config.eval,
-                               self._on_compile)
+    # Everything the steps close over: the config and what the trainer derived from the data.
+    # The launch (coordinator address, process id) is not: the cache keys on processes and devices.
+    context = workdir_lib.config_to_dict(config)
+    context.pop("distributed", None)
+    self.programs = ProgramCache.create(
+        cache_dir, dict(config=context,
+                        data=workdir_lib.config_to_dict(self.data_cfg),
+                        num_classes=self.num_classes, steps_per_epoch=self.steps_per_epoch,
+                        num_epochs=self.num_epochs),
+        libs=(models_lib, data_lib), start_time=runtime.IMPORTED_AT)
+    self.train_step = CompiledCache("train_step", self._jit_train_step, self._on_compile,
+                                    self.programs)
+    self.evaluator = Evaluator(lambda: self.defs.eval, self.mesh, data_lib, self.data_cfg,
+                               config.eval, self._on_compile, self.programs)
     self.last_saved: int | None = None
     self.last_finite: jax.Array | None = None  # The latest step's "finite" flag.
+
+  @functools.cached_property
+  def defs(self) -> state_lib.ModelDefs:
+    """Graph definitions: needed only to trace a step (a warm program cache skips them)."""
+    return state_lib.model_defs(self.models, self.config.model, self.num_classes)
+
+  def _jit_train_step(self):
+    return jax.jit(make_train_step(self.defs.train, self.tx,
+                                   use_image_sizes=(self.mode == "full_image")),
+                   in_shardings=(self.rep, self.batch_sharding),
+                   out_shardings=(self.rep, self.rep), donate_argnums=0)
 
   def _on_compile(self, record: CompileRecord):
     self.compile_seconds += record.seconds
     self.clock.excluded += record.seconds
     self.writer.event(dict(event="compile", fn=record.name, shapes=record.shapes,
-                           seconds=round(record.seconds, 3)))
+                           seconds=round(record.seconds, 3), source=record.source))
 
   def close(self):
     self.checkpointer.close()
@@ -197,7 +214,9 @@ class _Trainer:
     latest = self.checkpointer.latest_step()
     args = (self.models, self.config.model, self.num_classes, self.seed, self.tx, self.rep)
     if latest is None:
-      return state_lib.create_train_state(*args), _Position(step=0, epoch=0)
+      state = state_lib.create_train_state(*args, programs=self.programs,
+                                           on_compile=self._on_compile)
+      return state, _Position(step=0, epoch=0)
     restored = self.checkpointer.restore(latest, state_lib.abstract_train_state(*args))
     pos = _Position(step=int(restored.meta["step"]), epoch=int(restored.meta["epoch"]),
                     data_state=restored.data)

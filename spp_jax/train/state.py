@@ -9,6 +9,7 @@ keeps the step a pure function that shards with ordinary NamedShardings.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from spp_jax.train.compiled import CompileRecord
 from spp_jax.train.validation import model_options
 
 # Split order used everywhere: params, rng state, the rest.
@@ -68,12 +70,33 @@ def _init_fn(models_lib, model_cfg, num_classes: int, seed: int, tx: optax.Gradi
 
 
 def create_train_state(models_lib, model_cfg, num_classes: int, seed: int,
-                       tx: optax.GradientTransformation,
-                       sharding: NamedSharding) -> TrainState:
-  """Initialises parameters and optimiser state in one jitted call, replicated by `sharding`."""
+                       tx: optax.GradientTransformation, sharding: NamedSharding, *,
+                       programs=None, on_compile=None) -> TrainState:
+  """Initialises parameters and optimiser state in one jitted call, replicated by `sharding`.
+
+  programs: optional ProgramCache; its context must determine `tx` (the other arguments are
+  part of the key). on_compile: called with the CompileRecord of the init program ("loaded":
+  the initial state was read from the cache).
+  """
   init = _init_fn(models_lib, model_cfg, num_classes, seed, tx)
   # Eager nnx init compiles op by op (seconds); one jit is one compilation.
-  return jax.jit(init, out_shardings=sharding)()
+  jitted = jax.jit(init, out_shardings=sharding)
+  start = time.perf_counter()
+  if programs is None:
+    state, source = jitted(), "traced"
+  else:
+    static = dict(model=model_cfg.to_dict(), num_classes=num_classes, seed=seed,
+                  sharding=repr(sharding), devices=[int(i) for i in sharding.mesh.device_ids.flat])
+
+    def compute():
+      compiled, source = programs.compile("init_state", (), jitted.lower, static=static)
+      return compiled(), source
+    # The networks' initialisers call back into Python (host draws), which no executable file
+    # holds: the initial state itself is what a warm run reads.
+    state, source = programs.value("init_state", compute, sharding, static=static)
+  if on_compile is not None:
+    on_compile(CompileRecord("init_state", "", time.perf_counter() - start, source))
+  return state
 
 
 def abstract_train_state(models_lib, model_cfg, num_classes: int, seed: int,
