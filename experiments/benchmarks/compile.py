@@ -9,8 +9,10 @@ Part "compile": the trainer runs `--epochs` epochs of the real `--model` with tr
 subprocess each time: first with an empty temporary compilation cache (cold), then again with
 the same cache and a new workdir (warm). Input is SyntheticData (in memory) so data preparation
 does not blur the numbers. Printed per run: compilations of the train/eval steps against the
-distinct input shapes, seconds spent compiling, and the time from process start to the end of
-the first training step. Goal: compilations == distinct shapes; warm first step >= 3x sooner.
+distinct input shapes; how many of all programs (init, train and eval steps) were loaded from
+the program cache (spp_jax/train/program_cache.py: no tracing, no compiling) rather than traced;
+seconds spent compiling or loading them; and the time from process start to the end of the first
+training step. Goal: compilations == distinct shapes; warm first step >= 3x sooner.
 
 Part "loop": in this process, the median step time the trainer logs (metrics.jsonl, compile and
 checkpoint time excluded) against the same jitted step called back to back on one device batch,
@@ -81,6 +83,7 @@ def _run_worker(args, cache_dir: str, workdir: str) -> dict:
   compiles = [r for r in records if r.get("event") == "compile"]
   first = next(r for r in records if r.get("event") == "first_step")
   return dict(
+      programs=len(compiles), loaded=sum(r.get("source") == "loaded" for r in compiles),
       train_compiles=sum(r["fn"] == "train_step" for r in compiles),
       eval_compiles=sum(r["fn"].startswith("eval_step") for r in compiles),
       train_shapes=len({r["shapes"] for r in compiles if r["fn"] == "train_step"}),
@@ -101,12 +104,13 @@ def compile_part(args):
     for label in ("cold", "warm"):
       rows.append((label, _run_worker(args, cache, os.path.join(tmp, label))))
   print("first step: seconds from process start (in train_and_evaluate, imports excluded)")
-  print(f"{'run':<5} {'train compiles':>14} {'eval compiles':>13} {'compile s':>10} "
-        f"{'first step s':>20} {'wall s':>7}")
+  print(f"{'run':<5} {'train compiles':>14} {'eval compiles':>13} {'loaded':>7} "
+        f"{'compile s':>10} {'first step s':>20} {'wall s':>7}")
   for label, r in rows:
     first = f"{r['first_step_s']:.2f} ({r['first_step_in_run_s']:.2f})"
-    print(f"{label:<5} {r['train_compiles']:>14} {r['eval_compiles']:>13} {r['compile_s']:>10.2f} "
-          f"{first:>20} {r['wall_s']:>7.1f}")
+    loaded = f"{r['loaded']}/{r['programs']}"
+    print(f"{label:<5} {r['train_compiles']:>14} {r['eval_compiles']:>13} {loaded:>7} "
+          f"{r['compile_s']:>10.2f} {first:>20} {r['wall_s']:>7.1f}")
   cold, warm = rows[0][1], rows[1][1]
   print(f"compilations == distinct shapes: {cold['train_compiles'] == distinct} (cold), "
         f"{warm['train_compiles'] == distinct} (warm)")
