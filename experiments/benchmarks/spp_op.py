@@ -3,8 +3,10 @@
     python experiments/benchmarks/spp_op.py [--reps 30] [--levels 6,3,2,1]
 
 Prints, per input, the median time of each variant (rounds alternated within one process so
-that machine noise hits them alike; the first call after a switch is not timed), the ratios, and the memory-bandwidth floor: the bytes
-the op must move (read x, write y; read dy, write dx) over a copy bandwidth measured here.
+that machine noise hits them alike, in blocks of `--block` timed calls after two untimed ones),
+the ratios, and the
+memory-bandwidth floor: the bytes the op must move (read x, write y; read dy, write dx) over a
+copy bandwidth measured here.
 PyTorch is used only when it happens to be importable; it is never a dependency.
 """
 
@@ -76,6 +78,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--reps", type=int, default=30)
   parser.add_argument("--levels", default="6,3,2,1")
+  parser.add_argument("--block", type=int, default=5, help="timed calls per switch")
   parser.add_argument("--case", action="append", default=None,
                       help="run only these inputs (repeatable), e.g. 64x13x13x256")
   args = parser.parse_args()
@@ -135,14 +138,15 @@ def main():
     for call in calls.values():  # compile / warm up
       call()
       call()
-    # Alternate variants round by round, but discard the first call after each switch: the
-    # previous framework's worker threads (torch's OpenMP pool spins after a parallel region)
-    # would otherwise be charged to the next variant.
+    # Alternate variants in blocks of calls. The first two calls after a switch are not timed:
+    # the previous framework's worker threads may still be spinning (torch's OpenMP pool does
+    # after a parallel region), and this one's may be asleep.
     times = {k: [] for k in calls}
-    for _ in range(max(1, args.reps // 3)):
+    for _ in range(max(1, -(-args.reps // args.block))):
       for k, call in calls.items():
         call()
-        times[k] += [time_once(call) for _ in range(3)]
+        call()
+        times[k] += [time_once(call) for _ in range(args.block)]
     med = {k: statistics.median(v) for k, v in times.items()}
     # Must read x and write dx once (f32), write y and read dy once.
     floor_bytes = 4 * (2 * real_cells * c + 2 * n * d)

@@ -271,8 +271,8 @@ def _separable_max_fwd(x, rows, cols):
 
 def _separable_max_bwd(rows, cols, res, g):
   arg_rows, arg_cols, h, w = res
-  g1 = _isolated(lambda g, a: _bin_max_grad(g, a, w, axis=2), g, arg_cols)
-  return (_bin_max_grad(g1, arg_rows, h, axis=1),)
+  g1 = _isolated(lambda g, a: _bin_max_grad(g, a, cols, w, axis=2), g, arg_cols)
+  return (_bin_max_grad(g1, arg_rows, rows, h, axis=1),)
 
 
 _separable_max.defvjp(_separable_max_fwd, _separable_max_bwd)
@@ -326,19 +326,30 @@ def _bin_max(x: jax.Array, bins, axis: int):
   return jnp.stack(values, axis=axis), jnp.stack(args, axis=axis)
 
 
-def _bin_max_grad(g: jax.Array, args: jax.Array, size: int, axis: int) -> jax.Array:
+def _bin_max_grad(g: jax.Array, args: jax.Array, bins, size: int, axis: int) -> jax.Array:
   """Transpose of _bin_max: sends each bin's gradient to its arg-max along `axis`.
 
-  One pass over the output: cell p sums, over the bins, the gradients of those whose arg-max
-  is p (a compare per bin, and no per-cell slices to concatenate afterwards).
+  One pass over the output. A cell lies in at most S bins (2 when bins are no wider than the
+  stride between them): slot k holds, for every cell, the k-th bin containing it, gathered with
+  constant indices, and the cell takes that bin's gradient if it is the bin's arg-max.
   """
+  members: list[list[int]] = [[] for _ in range(size)]
+  for b, (start, end) in enumerate(bins):
+    for p in range(start, end):
+      members[p].append(b)
   shape = [1] * g.ndim
   shape[axis] = size
   p = jax.lax.broadcasted_iota(args.dtype, shape, axis)
   zero = jnp.zeros((), g.dtype)
-  take = lambda a, b: jax.lax.slice_in_dim(a, b, b + 1, axis=axis)
-  terms = [jnp.where(take(args, b) == p, take(g, b), zero) for b in range(g.shape[axis])]
-  return functools.reduce(jnp.add, terms)
+  dx = None
+  for k in range(max(map(len, members))):
+    which = np.array([m[min(k, len(m) - 1)] for m in members])
+    hit = jnp.take(args, which, axis=axis) == p
+    if any(len(m) <= k for m in members):  # Cells with fewer bins repeat their last one.
+      hit = hit & jnp.asarray(np.array([len(m) > k for m in members])).reshape(shape)
+    term = jnp.where(hit, jnp.take(g, which, axis=axis), zero)
+    dx = term if dx is None else dx + term
+  return dx
 
 
 # ----------------------------------------------------------------------------- max, traced
