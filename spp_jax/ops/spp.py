@@ -411,7 +411,8 @@ def _window_max(x, starts, sizes, k: int):
   """x: (N, A, W, C), bins (N, n) -> max (N, n, W, C) and arg-max offset within the bin.
 
   Offset o of every bin is one gather of rows start + o, so the chain reads x about
-  (A + n) / A times without materialising the windows.
+  (A + n) / A times without materialising the windows. The chain yields only the arg-max (its
+  gathers then have one reader, so XLA fuses them into it); the values are gathered at it.
   """
   a = x.shape[1]
   neg = jnp.array(-jnp.inf, x.dtype)
@@ -424,9 +425,10 @@ def _window_max(x, starts, sizes, k: int):
       continue
     v = jnp.where((offset < sizes)[:, :, None, None], v, neg)
     better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
-    best = jnp.where(better, v, best)
+    best = jnp.maximum(best, v)
     arg = jnp.where(better, jnp.asarray(offset, arg.dtype), arg)
-  return best, arg
+  rows = starts[:, :, None, None] + arg.astype(jnp.int32)
+  return jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds"), arg
 
 
 def _window_max_grad(g, arg, starts, length: int):
