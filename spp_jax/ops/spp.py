@@ -224,12 +224,7 @@ def _coarse_max_fwd(y, kh: int, kw: int):
 def _coarse_max_chain(y, kh: int, kw: int):
   # Elementwise maxima rather than reduce_max: XLA:CPU's YNNPACK reduction can drop NaN.
   parts = _fine_bins(y, kh, kw)
-  best, win = parts[0], jnp.zeros(parts[0].shape, jnp.int8)
-  for k, v in enumerate(parts[1:], 1):
-    better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
-    best = jnp.where(better, v, best)
-    win = jnp.where(better, jnp.int8(k), win)
-  return best, win
+  return _first_max(parts, range(len(parts)), jnp.int8)
 
 
 def _coarse_max_bwd(kh: int, kw: int, win, g):
@@ -279,23 +274,41 @@ _separable_max.defvjp(_separable_max_fwd, _separable_max_bwd)
 
 
 def _isolated(fn, *args):
-  """fn(*args), computed into buffers before anything reads the result.
+  """fn(*args), computed into buffers before anything reads the result (on CPU).
 
   XLA:CPU fuses cheap elementwise producers into each of their consumers, so the arg-max
   chains of a forward pass would be recomputed inside every fusion of the backward pass that
   reads them (20x slower fwd + bwd; `optimization_barrier` is expanded before fusion there).
-  Nothing outside a conditional's branch fuses with what is inside, so fn runs as the branch
-  of one whose predicate is true for every input but cannot be folded; the other branch is
-  never taken.
+  Nothing outside a conditional's branch fuses with what is inside, so on CPU fn runs as the
+  branch of one whose predicate is true for every input but cannot be folded (the other branch
+  is never taken). Other backends call fn directly: a GPU conditional reads its predicate on
+  the host.
   """
   leaves = jax.tree.leaves(args)
   if any(leaf.size == 0 for leaf in leaves):
     return fn(*args)
-  probe = jnp.isnan(leaves[0].reshape(-1)[0])
-  out_shapes = jax.eval_shape(fn, *args)
-  return jax.lax.cond(probe | ~probe, fn,
-                      lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes),
-                      *args)
+
+  def on_cpu(*args):
+    probe = jnp.isnan(jax.tree.leaves(args)[0].reshape(-1)[0])
+    out_shapes = jax.eval_shape(fn, *args)
+    zeros = lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
+    return jax.lax.cond(probe | ~probe, fn, zeros, *args)
+
+  return jax.lax.platform_dependent(*args, cpu=on_cpu, default=fn)
+
+
+def _first_max(candidates: list[jax.Array], labels, dtype) -> tuple[jax.Array, jax.Array]:
+  """Maximum of same-shape candidates and the label of the first candidate that holds it.
+
+  NaN beats every number (the first NaN wins), as in jnp.max and jnp.argmax.
+  """
+  labels = list(labels)
+  best, arg = candidates[0], jnp.full(candidates[0].shape, labels[0], dtype)
+  for v, label in zip(candidates[1:], labels[1:]):
+    better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
+    best = jnp.maximum(best, v)
+    arg = jnp.where(better, jnp.asarray(label, dtype), arg)
+  return best, arg
 
 
 def _index_dtype(size: int):
@@ -315,14 +328,8 @@ def _bin_max(x: jax.Array, bins, axis: int):
     # The values are a plain chain of maxima (NaN-propagating, like jnp.max) so that their
     # fusion, which XLA keeps apart from the arg-max's, costs one op per cell.
     values.append(functools.reduce(jnp.maximum, [take(p) for p in range(start, end)]))
-    best = take(start)
-    arg = jnp.full(best.shape, start, idx_dtype)
-    for p in range(start + 1, end):
-      v = take(p)
-      better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
-      best = jnp.maximum(best, v)
-      arg = jnp.where(better, jnp.asarray(p, idx_dtype), arg)
-    args.append(arg)
+    rows = range(start, end)
+    args.append(_first_max([take(p) for p in rows], rows, idx_dtype)[1])
   return jnp.stack(values, axis=axis), jnp.stack(args, axis=axis)
 
 
@@ -416,17 +423,14 @@ def _window_max(x, starts, sizes, k: int):
   """
   a = x.shape[1]
   neg = jnp.array(-jnp.inf, x.dtype)
-  best = arg = None
+  candidates = []
   for offset in range(k):
     rows = jnp.minimum(starts + offset, a - 1)[:, :, None, None]
     v = jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds")
-    if best is None:  # Offset 0 is inside every bin (sizes >= 1).
-      best, arg = v, jnp.zeros(v.shape, _index_dtype(k))
-      continue
-    v = jnp.where((offset < sizes)[:, :, None, None], v, neg)
-    better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
-    best = jnp.maximum(best, v)
-    arg = jnp.where(better, jnp.asarray(offset, arg.dtype), arg)
+    if offset:  # Offset 0 is inside every bin (sizes >= 1).
+      v = jnp.where((offset < sizes)[:, :, None, None], v, neg)
+    candidates.append(v)
+  arg = _first_max(candidates, range(k), _index_dtype(k))[1]
   rows = starts[:, :, None, None] + arg.astype(jnp.int32)
   return jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds"), arg
 
