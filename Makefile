@@ -37,9 +37,9 @@ demo: install data
 detect-demo: install data
 	$(PY) -m spp_jax.main --config configs/detect_demo.py --workdir workdirs/detect_demo
 
-# The demo as a test, with its loose accuracy bound (minutes).
+# The demo as a test, with its loose accuracy bound (minutes; also part of `make test`).
 demo-test: install data
-	SPP_JAX_DEMO_TEST=1 $(PY) -m pytest -q tests/test_train_demo.py
+	$(PY) -m pytest -q tests/test_train_demo.py
 
 # The sample grid shown in the README.
 samples: install data
