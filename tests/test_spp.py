@@ -118,11 +118,18 @@ def test_max_starts_from_minus_infinity(rng):
   assert (got < 0).all()
 
 
-def test_nan_in_the_map_reaches_every_bin_that_holds_it():
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_nan_in_the_map_reaches_every_bin_that_holds_it_and_no_other(pooling, padded):
   x = np.zeros((64, 13, 13, 8), np.float32)  # large enough for XLA:CPU's library reductions
   x[:, 0, 0, :] = np.nan
-  got = np.asarray(spp_jax.spatial_pyramid_pool(jnp.asarray(x), (6, 3, 2, 1)))
-  np.testing.assert_array_equal(np.isnan(got), np.isnan(ref_spp(x[:2], (6, 3, 2, 1)))[[0] * 64])
+  x[:, 7, 4, :] = np.nan
+  sizes = np.full((64, 2), 13, np.int32) if padded else None
+  got = np.asarray(spp_jax.spatial_pyramid_pool(jnp.asarray(x), (6, 3, 2, 1), pooling=pooling,
+                                                valid_sizes=sizes))
+  want = ref_spp(x[:2], (6, 3, 2, 1), pooling)[[0] * 64]
+  assert 0 < np.isnan(want).mean() < 1
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
 
 
 def test_output_layout_and_level_order(rng):

@@ -20,6 +20,8 @@ How it is computed, and why:
   included) never reaches a result or a gradient.
 - XLA:CPU fuses cheap producers into each consumer, which would recompute the arg-max chains
   inside every backward fusion; `_isolated` keeps each stage's results in buffers.
+- Average pooling takes the same separable path with sums (in f32 at least) and written-out
+  transposes, so a NaN in a cell reaches only the bins that hold it.
 """
 
 from __future__ import annotations
@@ -80,20 +82,6 @@ def bin_edges(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
   """Static bin edges: starts[i] = floor(i*size/n), ends[i] = ceil((i+1)*size/n)."""
   i = np.arange(n)
   return (i * size) // n, -((-(i + 1) * size) // n)
-
-
-def _bin_masks(sizes: jax.Array, n: int, length: int) -> jax.Array:
-  """Membership of cells in bins for per-example sizes.
-
-  sizes: (N,) int, valid length of each example (traced is fine).
-  Returns (N, n, length) bool: cell p of example b is in bin i.
-  """
-  i = jnp.arange(n, dtype=jnp.int32)[None, :]
-  s = sizes.astype(jnp.int32)[:, None]
-  starts = (i * s) // n
-  ends = -((-(i + 1) * s) // n)
-  p = jnp.arange(length, dtype=jnp.int32)[None, None, :]
-  return (p >= starts[..., None]) & (p < ends[..., None])
 
 
 def check_pooling_input(name: str, x, pooling: str) -> tuple[int, int, int, int]:
@@ -158,16 +146,14 @@ def spatial_pyramid_pool(x: jax.Array, levels: Sequence[Level], *, pooling: str 
 @functools.partial(jax.jit, static_argnames=("levels", "pooling"))
 def _spp_static(x, levels: Levels, pooling: str):
   if pooling == "avg":
-    n, h, w, _ = x.shape
-    sizes = jnp.broadcast_to(jnp.array([h, w], jnp.int32), (n, 2))
-    return _concat([_avg_level(x, sizes, lv) for lv in levels])
+    return _concat([_avg_level_static(x, lv) for lv in levels])
   return _max_pyramid(x, levels, lambda level: _max_level_static(x, level))
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "pooling"))
 def _spp_masked(x, valid_sizes, levels: Levels, pooling: str):
   if pooling == "avg":
-    return _concat([_avg_level(x, valid_sizes, lv) for lv in levels])
+    return _concat([_avg_level_traced(x, valid_sizes, lv) for lv in levels])
   return _max_pyramid(x, levels, lambda level: _max_level_traced(x, valid_sizes, level))
 
 
@@ -340,23 +326,28 @@ def _bin_max_grad(g: jax.Array, args: jax.Array, bins, size: int, axis: int) -> 
   stride between them): slot k holds, for every cell, the k-th bin containing it, gathered with
   constant indices, and the cell takes that bin's gradient if it is the bin's arg-max.
   """
-  members: list[list[int]] = [[] for _ in range(size)]
-  for b, (start, end) in enumerate(bins):
-    for p in range(start, end):
-      members[p].append(b)
   shape = [1] * g.ndim
   shape[axis] = size
   p = jax.lax.broadcasted_iota(args.dtype, shape, axis)
   zero = jnp.zeros((), g.dtype)
   dx = None
-  for k in range(max(map(len, members))):
-    which = np.array([m[min(k, len(m) - 1)] for m in members])
+  for which, valid in _bin_slots(bins, size):
     hit = jnp.take(args, which, axis=axis) == p
-    if any(len(m) <= k for m in members):  # Cells with fewer bins repeat their last one.
-      hit = hit & jnp.asarray(np.array([len(m) > k for m in members])).reshape(shape)
+    if not valid.all():  # Cells with fewer bins repeat their last one.
+      hit = hit & jnp.asarray(valid).reshape(shape)
     term = jnp.where(hit, jnp.take(g, which, axis=axis), zero)
     dx = term if dx is None else dx + term
   return dx
+
+
+def _bin_slots(bins, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Slot k: for every cell, the k-th bin holding it (or its last one) and whether it has k+1."""
+  members: list[list[int]] = [[] for _ in range(size)]
+  for b, (start, end) in enumerate(bins):
+    for p in range(start, end):
+      members[p].append(b)
+  return [(np.array([m[min(k, len(m) - 1)] for m in members]),
+           np.array([len(m) > k for m in members])) for k in range(max(map(len, members)))]
 
 
 # ----------------------------------------------------------------------------- max, traced
@@ -407,8 +398,8 @@ def _gathered_max_bwd(k_rows, k_cols, res, g):
   arg_rows, arg_cols, row_starts, row_sizes, col_starts, col_sizes, h, w = res
   g1 = _isolated(lambda g: _window_max_grad(g.swapaxes(1, 2), arg_cols, col_starts, w), g)
   dx = _window_max_grad(g1.swapaxes(1, 2), arg_rows, row_starts, h)
-  zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
-  return dx, zero(row_starts), zero(row_sizes), zero(col_starts), zero(col_sizes)
+  return (dx, _float0_like(row_starts), _float0_like(row_sizes), _float0_like(col_starts),
+          _float0_like(col_sizes))
 
 
 _gathered_max.defvjp(_gathered_max_fwd, _gathered_max_bwd)
@@ -454,19 +445,100 @@ def _window_max_grad(g, arg, starts, length: int):
 # ----------------------------------------------------------------------------- avg
 
 
-def _avg_level(x: jax.Array, valid_sizes: jax.Array, level) -> jax.Array:
-  """Mean over each bin: a linear map, rows and columns as (N, n, size) averaging matrices."""
+# Averages are separable too (rows, then columns). Sums run in f32 at least, a NaN reaches only
+# the bins that hold it, and each stage's transpose is written out (autodiff of per-bin slices
+# or gathers would pad, or scatter, once per bin).
+
+
+def _avg_level_static(x: jax.Array, level) -> jax.Array:
+  """x: (N, H, W, C) -> (N, nh, nw, C), the mean of each bin's cells."""
+  _, h, w, _ = x.shape
+  rows = tuple(zip(*(e.tolist() for e in bin_edges(h, level[0]))))
+  cols = tuple(zip(*(e.tolist() for e in bin_edges(w, level[1]))))
+  y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return _bin_mean(_bin_mean(y, rows, 1), cols, 2).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _bin_mean(x, bins, axis: int):
+  take = lambda p: jax.lax.index_in_dim(x, p, axis, keepdims=False)
+  # A chain of adds, like the maxima: one elementwise fusion rather than a reduction per bin.
+  return jnp.stack([functools.reduce(jnp.add, map(take, range(start, end))) / (end - start)
+                    for start, end in bins], axis=axis)
+
+
+def _bin_mean_fwd(x, bins, axis: int):
+  return _bin_mean(x, bins, axis), None
+
+
+def _bin_mean_bwd(bins, axis: int, _, g):
+  """Cell p gets g / len of every bin holding it: one constant-index gather per slot."""
+  size = bins[-1][1]
+  shape = [1] * g.ndim
+  shape[axis] = size
+  dx = None
+  for which, valid in _bin_slots(bins, size):
+    weight = np.array([1.0 / (bins[b][1] - bins[b][0]) for b in which])
+    term = jnp.take(g, which, axis=axis) * jnp.asarray(weight, g.dtype).reshape(shape)
+    if not valid.all():  # A cotangent may be inf: select, never multiply by 0.
+      term = jnp.where(jnp.asarray(valid).reshape(shape), term, jnp.zeros((), g.dtype))
+    dx = term if dx is None else dx + term
+  return (dx,)
+
+
+_bin_mean.defvjp(_bin_mean_fwd, _bin_mean_bwd)
+
+
+def _avg_level_traced(x: jax.Array, valid_sizes: jax.Array, level) -> jax.Array:
+  """x: (N, H, W, C), valid_sizes (N, 2) -> (N, nh, nw, C) over each example's own region."""
   _, h, w, _ = x.shape
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  row_masks = _bin_masks(valid_sizes[:, 0], level[0], h)
-  col_masks = _bin_masks(valid_sizes[:, 1], level[1], w)
-  inside = row_masks.any(1)[:, :, None, None] & col_masks.any(1)[:, None, :, None]
-  xs = jnp.where(inside, x, 0).astype(acc)
-  rows = row_masks / row_masks.sum(-1, keepdims=True)
-  cols = col_masks / col_masks.sum(-1, keepdims=True)
-  y = jnp.einsum("bih,bhwc,bjw->bijc", rows.astype(acc), xs, cols.astype(acc),
-                 precision=jax.lax.Precision.HIGHEST)
-  return y.astype(x.dtype)
+  row_starts, row_sizes = _traced_edges(valid_sizes[:, 0], level[0])
+  col_starts, col_sizes = _traced_edges(valid_sizes[:, 1], level[1])
+  # As for max: the row stage also averages padding columns, which the column stage never reads.
+  y1 = _window_mean(x.astype(acc), row_starts, row_sizes, _max_bin_len(h, level[0]))
+  y = _window_mean(y1.swapaxes(1, 2), col_starts, col_sizes, _max_bin_len(w, level[1]))
+  return y.swapaxes(1, 2).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _window_mean(x, starts, sizes, k: int):
+  """x: (N, A, W, C), bins (N, n) -> (N, n, W, C): offset o of every bin is a gather of rows
+  start + o; cells past the bin's end are selected away (never multiplied by 0)."""
+  a = x.shape[1]
+  total = None
+  for offset in range(k):
+    rows = jnp.minimum(starts + offset, a - 1)[:, :, None, None]
+    v = jnp.take_along_axis(x, rows, axis=1, mode="clip")
+    if offset:  # Offset 0 is inside every bin (sizes >= 1).
+      v = jnp.where((offset < sizes)[:, :, None, None], v, jnp.zeros((), v.dtype))
+    total = v if total is None else total + v
+  return total / sizes[:, :, None, None].astype(x.dtype)
+
+
+def _window_mean_fwd(x, starts, sizes, k: int):
+  return _window_mean(x, starts, sizes, k), (starts, sizes, x.shape[1])
+
+
+def _window_mean_bwd(k: int, res, g):
+  """Cell p of example i gets g / size of every bin of i holding it: n compares per cell."""
+  starts, sizes, length = res
+  p = jnp.arange(length, dtype=jnp.int32)[None, :, None, None]
+  zero = jnp.zeros((), g.dtype)
+  dx = None
+  for b in range(g.shape[1]):
+    start, size = starts[:, b, None, None, None], sizes[:, b, None, None, None]
+    inside = (p >= start) & (p < start + size)
+    term = jnp.where(inside, g[:, b:b + 1] / size.astype(g.dtype), zero)
+    dx = term if dx is None else dx + term
+  return dx, _float0_like(starts), _float0_like(sizes)
+
+
+_window_mean.defvjp(_window_mean_fwd, _window_mean_bwd)
+
+
+def _float0_like(a) -> np.ndarray:
+  return np.zeros(np.shape(a), jax.dtypes.float0)
 
 
 __all__ = ["spatial_pyramid_pool", "spp_output_dim", "normalize_levels", "bin_edges"]
