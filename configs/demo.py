@@ -67,9 +67,7 @@ def get_config(arg=None):
       defaults.view("full", "full", short_side=72),
       defaults.view("ten_view", "ten_view", size=64),
   ]
-  if not defaults.parse_arg(arg).keys() & {"single", "multi", "uniform", "nospp"}:
-    arg = "multi," + (arg or "")
-  defaults.apply_variants(c, arg, small_size=48)
+  defaults.apply_variants(c, arg, small_size=48, default="multi")
   if defaults.is_tiny(arg):
     c.data.name = "multiscale_fashion_mnist/tiny"
     c.train.batch_size = 32

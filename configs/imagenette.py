@@ -62,9 +62,7 @@ def get_config(arg=None):
       defaults.view("full", "full", short_side=256),
       defaults.view("ten_view", "ten_view", size=224),
   ]
-  if not defaults.parse_arg(arg).keys() & {"single", "multi", "uniform", "nospp"}:
-    arg = "multi," + (arg or "")
-  defaults.apply_variants(c, arg, small_size=180)
+  defaults.apply_variants(c, arg, small_size=180, default="multi")
   if defaults.is_tiny(arg):
     defaults.apply_tiny(c)
   return c

@@ -148,13 +148,21 @@ def parse_levels(text: str) -> tuple[int, ...]:
   return tuple(int(p) for p in parts)
 
 
+_TRAINING_VARIANTS = ("single", "multi", "uniform", "nospp")
+
+
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None, *,
-                   small_size: int | None = None) -> ml_collections.ConfigDict:
+                   small_size: int | None = None,
+                   default: str | None = None) -> ml_collections.ConfigDict:
   """Applies the variants named in `arg` (see module docstring) to `config` in place.
 
   small_size: the second multi-size training size (the paper: 180 for a base of 224).
+  default: a training variant ("multi", ...) applied when `arg` names none of
+    single/multi/uniform/nospp.
   """
   variants = parse_arg(arg)
+  if default is not None and not variants.keys() & set(_TRAINING_VARIANTS):
+    variants = {**parse_arg(default), **variants}
   base = config.data.crop_size
   small = small_size if small_size is not None else max(1, round(base * 180 / 224))
   if variants.get("single"):
