@@ -130,6 +130,12 @@ def clip_boxes(boxes, image_size: Sequence[int]):
 # ----------------------------------------------------------------------------- regression
 
 
+def _centres_and_sizes(boxes):
+  """(R, 4) (x0, y0, x1, y1) -> centre x, centre y, width, height, each (R,)."""
+  w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+  return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h
+
+
 def encode_boxes(proposals, targets):
   """R-CNN box-regression targets (tx, ty, tw, th) of targets relative to proposals.
 
@@ -141,12 +147,10 @@ def encode_boxes(proposals, targets):
   xp = _xp(proposals, targets)
   p = xp.asarray(proposals, xp.float32)
   g = xp.asarray(targets, xp.float32)
-  pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
-  gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+  px, py, pw, ph = _centres_and_sizes(p)
+  gx, gy, gw, gh = _centres_and_sizes(g)
   if xp is np and ((pw <= 0) | (ph <= 0) | (gw <= 0) | (gh <= 0)).any():
     raise ValueError("encode_boxes needs boxes with positive width and height")
-  px, py = p[:, 0] + 0.5 * pw, p[:, 1] + 0.5 * ph
-  gx, gy = g[:, 0] + 0.5 * gw, g[:, 1] + 0.5 * gh
   return xp.stack([(gx - px) / pw, (gy - py) / ph, xp.log(gw / pw), xp.log(gh / ph)], axis=1)
 
 
@@ -160,8 +164,7 @@ def decode_boxes(proposals, deltas, max_log_scale: float = float(np.log(1000.0 /
   xp = _xp(proposals, deltas)
   p = xp.asarray(proposals, xp.float32)
   d = xp.asarray(deltas, xp.float32)
-  pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
-  px, py = p[:, 0] + 0.5 * pw, p[:, 1] + 0.5 * ph
+  px, py, pw, ph = _centres_and_sizes(p)
   cx, cy = px + d[:, 0] * pw, py + d[:, 1] * ph
   w = pw * xp.exp(xp.minimum(d[:, 2], max_log_scale))
   h = ph * xp.exp(xp.minimum(d[:, 3], max_log_scale))
