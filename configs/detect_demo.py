@@ -80,8 +80,8 @@ def get_config(arg=None):
 
   c.finetune = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=128, positive_fraction=0.25, fg_iou=0.5, bg_low=0.1,
-      positives_per_image=placeholder(int), negatives_per_image=48, learning_rate=0.01, momentum=0.9, weight_decay=5e-4,
-      log_every=500))
+      positives_per_image=placeholder(int), negatives_per_image=48, learning_rate=0.01,
+      momentum=0.9, weight_decay=5e-4, log_every=500))
   c.bbox_regression = ml_collections.ConfigDict(dict(enabled=True, min_iou=0.5, lam=1000.0))
   c.detection = ml_collections.ConfigDict(dict(
       nms_iou=0.3, score_threshold=0.01, max_per_class=100, max_per_image=100))
