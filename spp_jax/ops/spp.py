@@ -84,6 +84,11 @@ def bin_edges(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
   return (i * size) // n, -((-(i + 1) * size) // n)
 
 
+def _static_bins(size: int, n: int) -> tuple[tuple[int, int], ...]:
+  """bin_edges as hashable (start, end) pairs, for static arguments."""
+  return tuple(zip(*(e.tolist() for e in bin_edges(size, n))))
+
+
 def check_pooling_input(name: str, x, pooling: str) -> tuple[int, int, int, int]:
   """Checks a (N, H, W, C) float map and the pooling mode; returns the shape."""
   if pooling not in _POOLINGS:
@@ -234,8 +239,7 @@ _coarse_max.defvjp(_coarse_max_fwd, _coarse_max_bwd)
 def _max_level_static(x: jax.Array, level) -> jax.Array:
   """x: (N, H, W, C) -> (N, nh, nw, C), rows then columns, custom VJP."""
   _, h, w, _ = x.shape
-  rows = tuple(zip(*(e.tolist() for e in bin_edges(h, level[0]))))
-  cols = tuple(zip(*(e.tolist() for e in bin_edges(w, level[1]))))
+  rows, cols = _static_bins(h, level[0]), _static_bins(w, level[1])
   return _separable_max(x, rows, cols)
 
 
@@ -412,18 +416,24 @@ def _window_max(x, starts, sizes, k: int):
   (A + n) / A times without materialising the windows. The chain yields only the arg-max (its
   gathers then have one reader, so XLA fuses them into it); the values are gathered at it.
   """
+  candidates = _window_cells(x, starts, sizes, k, -jnp.inf)
+  arg = _first_max(candidates, range(k), _index_dtype(k))[1]
+  rows = starts[:, :, None, None] + arg.astype(jnp.int32)
+  return jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds"), arg
+
+
+def _window_cells(x, starts, sizes, k: int, fill) -> list[jax.Array]:
+  """x: (N, A, W, C), bins (N, n) -> k arrays (N, n, W, C): offset o holds row start + o of
+  every bin, or `fill` where the bin is shorter (selected, never computed from the cell)."""
   a = x.shape[1]
-  neg = jnp.array(-jnp.inf, x.dtype)
-  candidates = []
+  cells = []
   for offset in range(k):
     rows = jnp.minimum(starts + offset, a - 1)[:, :, None, None]
     v = jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds")
     if offset:  # Offset 0 is inside every bin (sizes >= 1).
-      v = jnp.where((offset < sizes)[:, :, None, None], v, neg)
-    candidates.append(v)
-  arg = _first_max(candidates, range(k), _index_dtype(k))[1]
-  rows = starts[:, :, None, None] + arg.astype(jnp.int32)
-  return jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds"), arg
+      v = jnp.where((offset < sizes)[:, :, None, None], v, jnp.array(fill, x.dtype))
+    cells.append(v)
+  return cells
 
 
 def _window_max_grad(g, arg, starts, length: int):
@@ -453,8 +463,7 @@ def _window_max_grad(g, arg, starts, length: int):
 def _avg_level_static(x: jax.Array, level) -> jax.Array:
   """x: (N, H, W, C) -> (N, nh, nw, C), the mean of each bin's cells."""
   _, h, w, _ = x.shape
-  rows = tuple(zip(*(e.tolist() for e in bin_edges(h, level[0]))))
-  cols = tuple(zip(*(e.tolist() for e in bin_edges(w, level[1]))))
+  rows, cols = _static_bins(h, level[0]), _static_bins(w, level[1])
   y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return _bin_mean(_bin_mean(y, rows, 1), cols, 2).astype(x.dtype)
 
@@ -503,16 +512,8 @@ def _avg_level_traced(x: jax.Array, valid_sizes: jax.Array, level) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _window_mean(x, starts, sizes, k: int):
-  """x: (N, A, W, C), bins (N, n) -> (N, n, W, C): offset o of every bin is a gather of rows
-  start + o; cells past the bin's end are selected away (never multiplied by 0)."""
-  a = x.shape[1]
-  total = None
-  for offset in range(k):
-    rows = jnp.minimum(starts + offset, a - 1)[:, :, None, None]
-    v = jnp.take_along_axis(x, rows, axis=1, mode="clip")
-    if offset:  # Offset 0 is inside every bin (sizes >= 1).
-      v = jnp.where((offset < sizes)[:, :, None, None], v, jnp.zeros((), v.dtype))
-    total = v if total is None else total + v
+  """x: (N, A, W, C), bins (N, n) -> (N, n, W, C), the mean of each bin's cells."""
+  total = functools.reduce(jnp.add, _window_cells(x, starts, sizes, k, 0))
   return total / sizes[:, :, None, None].astype(x.dtype)
 
 
