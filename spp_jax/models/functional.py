@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from spp_jax.models.arch import pool_output_size
+from spp_jax.ops.argmax import first_max
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -73,14 +74,8 @@ def _max_pool_fwd(x, window, stride, padding):
   xp = x
   if sum(pad_h) + sum(pad_w):
     xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)), constant_values=-jnp.inf)
-  best = arg = None
-  for k, v in _window_slices(xp, window, stride, oh, ow):
-    if best is None:
-      best, arg = v, jnp.zeros(v.shape, jnp.int8)
-      continue
-    better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
-    best = jnp.where(better, v, best)
-    arg = jnp.where(better, jnp.int8(k), arg)
+  best, arg = first_max([v for _, v in _window_slices(xp, window, stride, oh, ow)],
+                        range(window * window), jnp.int8)
   return best, (arg, x.shape)
 
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax.ops.argmax import beats
 from spp_jax.ops.spp import Level, Levels, _concat
 from spp_jax.ops.spp import bin_edges, check_pooling_input, normalize_levels
 
@@ -173,13 +174,6 @@ def _table_depths(h: int, w: int, levels: Levels) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- max
 
 
-def _better(v, kv, best, kbest):
-  """Whether (v, kv) beats (best, kbest): larger, or NaN over non-NaN, ties to the lower key."""
-  v_nan, b_nan = jnp.isnan(v), jnp.isnan(best)
-  tie = (v == best) | (v_nan & b_nan)
-  return (v > best) | (v_nan & ~b_nan) | (tie & (kv < kbest))
-
-
 def _build_tables(x: jax.Array, depth_h: int, depth_w: int, with_keys: bool):
   """Sparse tables of x (N, H, W, C): (depth_w * depth_h * N * H * W, C) maxima (and keys).
 
@@ -208,7 +202,7 @@ def _build_tables(x: jax.Array, depth_h: int, depth_w: int, with_keys: bool):
         shifted.append(jax.lax.dynamic_slice_in_dim(padded, offset, a.shape[axis], axis))
       if with_keys:
         (a, ka), (b, kb) = arrays, shifted
-        take_b = _better(b, kb, a, ka)
+        take_b = beats(b, a, kb, ka)
         return (jnp.where(take_b, b, a), jnp.where(take_b, kb, ka)), arrays
       return (jnp.maximum(arrays[0], shifted[0]),), arrays
     return step
@@ -255,7 +249,7 @@ def _gather_max(values, keys, idx):
       best = jnp.maximum(best, v)
       continue
     kv = take(keys, idx[j])
-    take_v = _better(v, kv, best, kbest)
+    take_v = beats(v, best, kv, kbest)
     best, kbest = jnp.where(take_v, v, best), jnp.where(take_v, kv, kbest)
   return best, kbest
 

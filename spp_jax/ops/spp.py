@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax.ops.argmax import first_max
+
 Level = Union[int, tuple[int, int]]
 Levels = tuple[tuple[int, int], ...]
 
@@ -215,7 +217,7 @@ def _coarse_max_fwd(y, kh: int, kw: int):
 def _coarse_max_chain(y, kh: int, kw: int):
   # Elementwise maxima rather than reduce_max: XLA:CPU's YNNPACK reduction can drop NaN.
   parts = _fine_bins(y, kh, kw)
-  return _first_max(parts, range(len(parts)), jnp.int8)
+  return first_max(parts, range(len(parts)), jnp.int8)
 
 
 def _coarse_max_bwd(kh: int, kw: int, win, g):
@@ -287,20 +289,6 @@ def _isolated(fn, *args):
   return jax.lax.platform_dependent(*args, cpu=on_cpu, default=fn)
 
 
-def _first_max(candidates: list[jax.Array], labels, dtype) -> tuple[jax.Array, jax.Array]:
-  """Maximum of same-shape candidates and the label of the first candidate that holds it.
-
-  NaN beats every number (the first NaN wins), as in jnp.max and jnp.argmax.
-  """
-  labels = list(labels)
-  best, arg = candidates[0], jnp.full(candidates[0].shape, labels[0], dtype)
-  for v, label in zip(candidates[1:], labels[1:]):
-    better = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
-    best = jnp.maximum(best, v)
-    arg = jnp.where(better, jnp.asarray(label, dtype), arg)
-  return best, arg
-
-
 def _index_dtype(size: int):
   return jnp.int8 if size <= 127 else jnp.int16 if size <= 32767 else jnp.int32
 
@@ -319,7 +307,7 @@ def _bin_max(x: jax.Array, bins, axis: int):
     # fusion, which XLA keeps apart from the arg-max's, costs one op per cell.
     values.append(functools.reduce(jnp.maximum, [take(p) for p in range(start, end)]))
     rows = range(start, end)
-    args.append(_first_max([take(p) for p in rows], rows, idx_dtype)[1])
+    args.append(first_max([take(p) for p in rows], rows, idx_dtype)[1])
   return jnp.stack(values, axis=axis), jnp.stack(args, axis=axis)
 
 
@@ -417,7 +405,7 @@ def _window_max(x, starts, sizes, k: int):
   gathers then have one reader, so XLA fuses them into it); the values are gathered at it.
   """
   candidates = _window_cells(x, starts, sizes, k, -jnp.inf)
-  arg = _first_max(candidates, range(k), _index_dtype(k))[1]
+  arg = first_max(candidates, range(k), _index_dtype(k))[1]
   rows = starts[:, :, None, None] + arg.astype(jnp.int32)
   return jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds"), arg
 
