@@ -489,7 +489,10 @@ def test_same_seed_same_parameters_and_eager_equals_jit():
   for m in (b, c):
     for pa, pb in zip(jax.tree.leaves(nnx.state(a, nnx.Param)),
                       jax.tree.leaves(nnx.state(m, nnx.Param))):
-      np.testing.assert_array_equal(pa, pb)
+      if m is b:
+        np.testing.assert_array_equal(pa, pb)
+      else:  # The same draws; fused under jit, the normal transform may round differently.
+        np.testing.assert_allclose(pa, pb, rtol=1e-6, atol=1e-8)
   d = models.create("overfeat5", num_classes=5, rngs=nnx.Rngs(params=1, dropout=1), **TINY)
   assert not np.array_equal(a.conv1.conv.kernel[...], d.conv1.conv.kernel[...])
   k = np.asarray(models.create("zf5", num_classes=5, rngs=nnx.Rngs(0),

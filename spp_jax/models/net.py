@@ -24,7 +24,7 @@ from flax import nnx
 from spp_jax.layers import SpatialPyramidPooling
 from spp_jax.models import functional as F
 from spp_jax.models.arch import Architecture
-from spp_jax.models.blocks import he_normal, host_normal, make_layer
+from spp_jax.models.blocks import classifier_normal, he_normal, make_layer
 from spp_jax.ops.spp import Level
 
 HEADS = ("spp", "fixed")
@@ -77,7 +77,7 @@ class SPPNet(nnx.Module):
     self.fc7 = nnx.Linear(fc_width, fc_width, kernel_init=he_normal, **linear)
     self.drop7 = nnx.Dropout(dropout_rate, rngs=dropout_rngs)
     self.classifier = nnx.Linear(fc_width, num_classes,
-                                 kernel_init=host_normal(0.01), **linear)
+                                 kernel_init=classifier_normal, **linear)
 
   # --------------------------------------------------------------------------- size facts
 
