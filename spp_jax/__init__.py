@@ -6,10 +6,6 @@ pipeline (grain workers) do not import JAX and Flax.
 
 import importlib
 
-from spp_jax import runtime as _runtime
-
-_runtime.configure_cpu_flags()
-
 __version__ = "0.1.0"
 
 _PUBLIC = {

@@ -42,20 +42,22 @@ def main(argv):
   # Our progress lines at INFO; the libraries' (orbax logs every save) only with --verbose.
   absl_logging.set_verbosity(absl_logging.INFO if _VERBOSE.value else absl_logging.WARNING)
   logging.getLogger("spp_jax").setLevel(logging.INFO)
+  from spp_jax import runtime
+
+  runtime.configure_cpu_flags()  # Before anything starts the backend.
 
   config = _CONFIG.value
   if _FORCE.value:
     with config.unlocked():
       config.allow_config_change = True
 
-  if config.get("task") == "detection":  # configs/detect_*.py: SPP-net detection (SPEC §6)
+  if config.get("task") == "detection":  # configs/detect_*.py: SPP-net detection (docs/paper.md §6)
     from spp_jax.detection.run import run  # after flags: imports jax
 
     run(config, _WORKDIR.value, log=lambda m: print(m, flush=True))
     return
 
-  from spp_jax.train import loop, parallel, results_table  # after flags: imports jax
-  from spp_jax.train.validation import ConfigError
+  from spp_jax.train import ConfigError, loop, parallel, results_table
 
   parallel.initialize_distributed(config.distributed, coordinator_address=_COORDINATOR.value,
                                   num_processes=_NUM_PROCESSES.value,

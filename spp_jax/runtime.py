@@ -1,17 +1,19 @@
-"""Process-level JAX set-up: XLA:CPU flags and the persistent compilation cache."""
+"""Process-level JAX set-up that entry points (main.py, tests) opt into; nothing runs at import.
+
+  configure_cpu_flags()       XLA:CPU tuning, only when the backend will be the CPU
+  enable_compilation_cache()  JAX's persistent compilation cache
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-import time
 
-# spp_jax/__init__ imports this module first: every spp_jax source this process runs was read
-# after this moment (the program cache turns itself off if one changed later).
-IMPORTED_AT = time.time()
+log = logging.getLogger(__name__)
 
-# Keeps XLA:CPU convolutions off the YNNPACK path (Eigen instead): 1.4-1.5x faster ZF-5
-# steps with jaxlib 0.10.2 (PERF-NOTES). Experimental and tied to the jaxlib version.
+# Keeps XLA:CPU convolutions off the YNNPACK path (Eigen instead): 1.4-1.5x faster ZF-5 train
+# steps with jaxlib 0.10.2 (docs/performance.md). Experimental and tied to the jaxlib version.
 CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 _ACCELERATOR_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13", "libtpu",
                         "jax_cuda12_plugin", "jax_cuda13_plugin")
@@ -30,17 +32,22 @@ def _will_run_on_cpu() -> bool:
   return True
 
 
-def configure_cpu_flags() -> None:
-  """Adds the CPU convolution flag to XLA_FLAGS when the backend will be the CPU.
+def configure_cpu_flags() -> bool:
+  """Adds the CPU convolution flag to XLA_FLAGS when the backend will be the CPU; logs it.
 
-  Must run before JAX initialises its backend; does nothing if the user set the flag's
-  name themselves or set SPP_JAX_NO_XLA_FLAGS=1.
+  Call before JAX starts its backend. Does nothing when an accelerator plugin is installed (or
+  JAX_PLATFORMS names another platform first), when XLA_FLAGS already names the flag, or with
+  SPP_JAX_NO_XLA_FLAGS=1. Returns whether it changed XLA_FLAGS.
   """
   if os.environ.get("SPP_JAX_NO_XLA_FLAGS") == "1" or not _will_run_on_cpu():
-    return
+    return False
   flags = os.environ.get("XLA_FLAGS", "")
-  if CPU_CONV_FLAG.split("=")[0] not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " " + CPU_CONV_FLAG).strip()
+  if CPU_CONV_FLAG.split("=")[0] in flags:
+    return False
+  os.environ["XLA_FLAGS"] = (flags + " " + CPU_CONV_FLAG).strip()
+  log.info("CPU backend: added %s to XLA_FLAGS (SPP_JAX_NO_XLA_FLAGS=1 turns this off)",
+           CPU_CONV_FLAG)
+  return True
 
 
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:

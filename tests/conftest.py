@@ -1,4 +1,5 @@
-"""Shared pytest set-up: a persistent compilation cache so repeated runs compile less."""
+"""Shared pytest set-up: the CPU flags the training entry point uses, and a persistent
+compilation cache so repeated runs compile less."""
 
 import os
 
@@ -8,6 +9,7 @@ from spp_jax import runtime
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("SPP_JAX_CACHE_DIR", os.path.join(_REPO, ".cache", "jax"))
+runtime.configure_cpu_flags()  # As spp_jax.main does; subprocesses inherit XLA_FLAGS.
 runtime.enable_compilation_cache()
 
 

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spp_jax.train import (NonFiniteLossError, load_model, load_params, schedules, testing,
+import fakes
+from spp_jax.train import (NonFiniteLossError, load_model, load_params, schedules,
                            train_and_evaluate, validate_config)
-from spp_jax.train.defaults import apply_variants, default_config, parse_levels, view
+from spp_jax.train.config_schema import ConfigError, default_config, view
+from spp_jax.train.variants import apply_variants, parse_levels
 from spp_jax.train.steps import make_eval_step
-from spp_jax.train.validation import ConfigError
 from spp_jax.train.workdir import config_differences
 
 
 def _run(workdir, data=None, **overrides):
-  return train_and_evaluate(testing.tiny_config(**overrides), str(workdir),
-                            models_lib=testing.TinyModels,
-                            data_lib=data or testing.SyntheticData())
+  return train_and_evaluate(fakes.tiny_config(**overrides), str(workdir),
+                            models=fakes.TinyModels(),
+                            data=data or fakes.SyntheticData())
 
 
 def _records(workdir):
@@ -77,11 +78,11 @@ def test_one_compilation_per_input_shape(full_run):
 
 def test_load_model_from_workdir(full_run):
   workdir, results = full_run
-  config = testing.tiny_config()
-  model = load_model(config, str(workdir), models_lib=testing.TinyModels, num_classes=4)
+  config = fakes.tiny_config()
+  model = load_model(config, str(workdir), models=fakes.TinyModels(), num_classes=4)
   np.testing.assert_array_equal(model.fc.kernel[...], load_params(workdir)["fc"]["kernel"])
   # Eval mode: no dropout, so the centre-view accuracy is the run's final one.
-  data = testing.SyntheticData()
+  data = fakes.SyntheticData()
   correct = count = 0
   for batch in data.eval_iterator(config.data, config.eval.views[0], batch_size=8):
     logits = np.asarray(model(jnp.asarray(batch["image"][:, 0])))
@@ -130,7 +131,7 @@ def test_changed_config_refused_unless_allowed(tmp_path):
                     "allow_config_change": True})
 
 
-class _NaNData(testing.SyntheticData):
+class _NaNData(fakes.SyntheticData):
   """NaN images from training batch 6 (global step 6 of epoch 0) on."""
 
   def train_iterator(self, *args, **kwargs):
@@ -209,14 +210,14 @@ def test_bad_config_rejected_before_any_compilation(name, tmp_path):
 
 
 def test_batch_must_divide_over_devices():
-  config = testing.tiny_config(**{"train.batch_size": 12})
+  config = fakes.tiny_config(**{"train.batch_size": 12})
   with pytest.raises(ConfigError, match="train.batch_size=12.*8 devices"):
-    validate_config(config, device_count=8, process_count=2, models_lib=testing.TinyModels)
-  config = testing.tiny_config(**{"eval.batch_size": 4})
+    validate_config(config, device_count=8, process_count=2, models=fakes.TinyModels())
+  config = fakes.tiny_config(**{"eval.batch_size": 4})
   with pytest.raises(ConfigError, match="eval.batch_size=4"):
-    validate_config(config, device_count=8, process_count=1, models_lib=testing.TinyModels)
-  info = validate_config(testing.tiny_config(**{"train.batch_size": 16, "eval.batch_size": 16}),
-                         device_count=8, process_count=2, models_lib=testing.TinyModels)
+    validate_config(config, device_count=8, process_count=1, models=fakes.TinyModels())
+  info = validate_config(fakes.tiny_config(**{"train.batch_size": 16, "eval.batch_size": 16}),
+                         device_count=8, process_count=2, models=fakes.TinyModels())
   assert info.min_input_size == 4 and info.base_size == 16
 
 
@@ -227,7 +228,7 @@ def test_real_model_sizes_checked_without_building():
   config.train.sizes = (224, 32)  # ZF-5 needs 39
   config.train.schedule = "alternate"
   with pytest.raises(ConfigError, match=r"train.sizes=32.*minimum input size 39"):
-    validate_config(config, device_count=1, process_count=1, models_lib=models)
+    validate_config(config, device_count=1, process_count=1, models=models)
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -9,7 +9,8 @@ import pytest
 
 from spp_jax import models
 from spp_jax.train import validate_config
-from spp_jax.train.defaults import parse_arg
+from spp_jax.train.model import model_options
+from spp_jax.train.variants import parse_arg
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _FILES = ("demo.py", "zf5_imagenet.py", "imagenette.py")
@@ -34,7 +35,7 @@ def test_docstring_gives_launch_command(name):
 @pytest.mark.parametrize("name", _FILES)
 def test_variant_is_valid(name, arg):
   config = _load(name).get_config(arg)
-  info = validate_config(config, device_count=1, process_count=1, models_lib=models)
+  info = validate_config(config, device_count=1, process_count=1, models=models)
   variants = parse_arg(arg)
   if variants.get("nospp"):
     assert config.model.head == "fixed"
@@ -54,7 +55,9 @@ def test_variant_is_valid(name, arg):
 
 def test_zf5_imagenet_is_the_papers_protocol():
   c = _load("zf5_imagenet.py").get_config()
-  assert (c.model.name, tuple(c.model.spp_levels), c.model.fc_width) == ("zf5", (6, 3, 2, 1), 4096)
+  spec = models.spec(c.model.name, **model_options(c.model))
+  assert (spec.name, spec.option("spp_levels"), spec.option("fc_width")) == (
+      "zf5", ((6, 6), (3, 3), (2, 2), (1, 1)), 4096)
   assert (c.data.resize_short, c.data.crop_size, c.data.flip) == (256, 224, True)
   assert (c.optimizer.learning_rate, c.optimizer.momentum, c.optimizer.schedule) == (
       0.01, 0.9, "step")
@@ -67,3 +70,20 @@ def test_zf5_imagenet_is_the_papers_protocol():
 def test_unknown_variant_is_an_error():
   with pytest.raises(ValueError, match="unknown config variant"):
     _load("demo.py").get_config("fast")
+
+
+def test_the_small_net_gets_its_own_levels_and_width_unless_a_config_sets_them():
+  """config.model.name = "small" alone: (4, 2, 1) and 256 from models/small.py, not ZF-5's."""
+  c = _load("zf5_imagenet.py").get_config()
+  c.model.name = "small"
+  spec = models.spec(c.model.name, **model_options(c.model))
+  assert (spec.option("spp_levels"), spec.option("fc_width")) == (((4, 4), (2, 2), (1, 1)), 256)
+  c.model.spp_levels = (6, 3, 2, 1)
+  spec = models.spec(c.model.name, **model_options(c.model))
+  assert (spec.option("spp_levels"), spec.option("fc_width")) == (((6, 6), (3, 3), (2, 2), (1, 1)), 256)
+
+
+def test_demo_config_uses_the_small_nets_own_levels():
+  c = _load("demo.py").get_config()
+  assert c.model.spp_levels is None
+  assert models.spec("small", **model_options(c.model)).option("spp_levels") == ((4, 4), (2, 2), (1, 1))

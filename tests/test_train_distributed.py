@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from spp_jax.train import load_params, testing, train_and_evaluate
+import fakes
+from spp_jax.train import load_params, train_and_evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,8 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _worker(workdir, devices: int, *sets: str, extra=()) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "spp_jax.train.testing", "--workdir", str(workdir)]
+  cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "fakes.py"), "--workdir",
+         str(workdir)]
   for s in sets:
     cmd += ["--set", s]
   return subprocess.Popen(cmd + list(extra), env=_env(devices), stdout=subprocess.PIPE,
@@ -64,8 +66,8 @@ def _assert_params_close(a, b, atol):
 
 
 def _in_process(workdir, **overrides):
-  return train_and_evaluate(testing.tiny_config(**overrides), str(workdir),
-                            models_lib=testing.TinyModels, data_lib=testing.SyntheticData())
+  return train_and_evaluate(fakes.tiny_config(**overrides), str(workdir),
+                            models=fakes.TinyModels(), data=fakes.SyntheticData())
 
 
 def test_eight_fake_devices_match_one_device(tmp_path):

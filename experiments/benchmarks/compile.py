@@ -9,10 +9,10 @@ Part "compile": the trainer runs `--epochs` epochs of the real `--model` with tr
 subprocess each time: first with an empty temporary compilation cache (cold), then again with
 the same cache and a new workdir (warm). Input is SyntheticData (in memory) so data preparation
 does not blur the numbers. Printed per run: compilations of the train/eval steps against the
-distinct input shapes; how many of all programs (init, train and eval steps) were loaded from
-the program cache (spp_jax/train/program_cache.py: no tracing, no compiling) rather than traced;
-seconds spent compiling or loading them; and the time from process start to the end of the first
-training step. Goal: compilations == distinct shapes; warm first step >= 3x sooner.
+distinct input shapes; how many of all programs (init, train and eval steps) JAX's persistent
+compilation cache served; seconds spent tracing, lowering and compiling (or loading) them; and
+the time from process start to the end of the first training step. Goal: compilations ==
+distinct shapes.
 
 Part "loop": in this process, the median step time the trainer logs (metrics.jsonl, compile and
 checkpoint time excluded) against the same jitted step called back to back on one device batch,
@@ -35,18 +35,17 @@ import time
 import numpy as np
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(_REPO, "tests"))  # fakes.py: the in-memory data fake
 
 
 def _config(args, workdir_cache: str | None):
-  from spp_jax.train import testing
-  from spp_jax.train.defaults import view
+  import fakes
+  from spp_jax.train import view
 
   sizes = tuple(int(s) for s in args.sizes.split(","))
-  c = testing.tiny_config(**{
-      "model.name": args.model, "model.spp_levels": (4, 2, 1) if args.model == "small" else
-      (6, 3, 2, 1), "model.fc_width": args.fc_width, "model.width_multiplier": args.width,
-      "data.crop_size": sizes[0], "data.num_train": args.batch * args.steps,
-      "data.num_eval": args.batch, "data.num_classes": 10,
+  c = fakes.tiny_config(**{
+      "model.name": args.model, "model.spp_levels": None, "model.fc_width": args.fc_width,
+      "model.width_multiplier": args.width, "data.crop_size": sizes[0],
       "train.batch_size": args.batch, "train.num_epochs": args.epochs, "train.sizes": sizes,
       "train.schedule": "alternate" if len(sizes) > 1 else "single",
       "train.log_every_steps": max(1, args.steps // 2), "train.checkpoint_every_steps": 10_000,
@@ -56,16 +55,24 @@ def _config(args, workdir_cache: str | None):
   return c
 
 
+def _synthetic(args):
+  import fakes
+  return fakes.SyntheticData(num_train=args.batch * args.steps, num_eval=args.batch,
+                             num_classes=10)
+
+
 # ----------------------------------------------------------------------------- compile part
 
 
 def worker(args):
   """Runs one training in this (fresh) process; the parent reads workdir/metrics.jsonl."""
-  from spp_jax import models
-  from spp_jax.train import testing, train_and_evaluate
+  import fakes
+  from spp_jax import models, runtime
+  from spp_jax.train import train_and_evaluate
 
-  train_and_evaluate(_config(args, args.cache_dir), args.workdir, models_lib=models,
-                     data_lib=testing.SyntheticData())
+  runtime.configure_cpu_flags()  # As spp_jax.main does.
+  train_and_evaluate(_config(args, args.cache_dir), args.workdir, models=models,
+                     data=_synthetic(args))
 
 
 def _run_worker(args, cache_dir: str, workdir: str) -> dict:
@@ -83,7 +90,7 @@ def _run_worker(args, cache_dir: str, workdir: str) -> dict:
   compiles = [r for r in records if r.get("event") == "compile"]
   first = next(r for r in records if r.get("event") == "first_step")
   return dict(
-      programs=len(compiles), loaded=sum(r.get("source") == "loaded" for r in compiles),
+      programs=len(compiles), loaded=sum(bool(r.get("cache_hit")) for r in compiles),
       train_compiles=sum(r["fn"] == "train_step" for r in compiles),
       eval_compiles=sum(r["fn"].startswith("eval_step") for r in compiles),
       train_shapes=len({r["shapes"] for r in compiles if r["fn"] == "train_step"}),
@@ -104,7 +111,7 @@ def compile_part(args):
     for label in ("cold", "warm"):
       rows.append((label, _run_worker(args, cache, os.path.join(tmp, label))))
   print("first step: seconds from process start (in train_and_evaluate, imports excluded)")
-  print(f"{'run':<5} {'train compiles':>14} {'eval compiles':>13} {'loaded':>7} "
+  print(f"{'run':<5} {'train compiles':>14} {'eval compiles':>13} {'cached':>7} "
         f"{'compile s':>10} {'first step s':>20} {'wall s':>7}")
   for label, r in rows:
     first = f"{r['first_step_s']:.2f} ({r['first_step_in_run_s']:.2f})"
@@ -116,7 +123,7 @@ def compile_part(args):
         f"{warm['train_compiles'] == distinct} (warm)")
   print(f"first step: warm {cold['first_step_s'] / warm['first_step_s']:.2f}x sooner than cold "
         f"from process start, {cold['first_step_in_run_s'] / warm['first_step_in_run_s']:.2f}x "
-        f"in train_and_evaluate (goal >= 3x); compile time "
+        f"in train_and_evaluate; compile time "
         f"{cold['compile_s'] / max(warm['compile_s'], 1e-9):.1f}x less")
 
 
@@ -134,7 +141,7 @@ class _RepeatData:
     return getattr(self.inner, name)
 
   def train_iterator(self, data_cfg, *, batch_size, image_size, epoch, seed, **kwargs):
-    from spp_jax.train.testing import EpochIterator
+    from fakes import EpochIterator
 
     key = (batch_size, image_size)
     if key not in self._cache:
@@ -142,7 +149,8 @@ class _RepeatData:
                                      epoch=0, seed=seed, **kwargs)
       self._cache[key] = next(it)
     batch = self._cache[key]
-    n = self.inner.steps_per_epoch(data_cfg, batch_size * kwargs.get("process_count", 1))
+    n = self.inner.steps_per_epoch(data_cfg, batch_size * kwargs.get("process_count", 1),
+                                   mode="crop")
     return EpochIterator(lambda b: batch, n)
 
 
@@ -150,13 +158,13 @@ def loop_part(args):
   import jax
 
   from spp_jax import models
-  from spp_jax.train import parallel, schedules, state as state_lib, testing
+  from spp_jax.train import parallel, schedules, state as state_lib
   from spp_jax.train.loop import train_and_evaluate
   from spp_jax.train.steps import make_train_step
 
   size = int(args.sizes.split(",")[0])
   largs = argparse.Namespace(**{**vars(args), "sizes": str(size), "epochs": 1})
-  data = _RepeatData(testing.SyntheticData())
+  data = _RepeatData(_synthetic(largs))
   config = _config(largs, None)
   config.train.log_every_steps = 5
 
@@ -170,7 +178,7 @@ def loop_part(args):
   step = jax.jit(make_train_step(defs.train, tx, use_image_sizes=False),
                  in_shardings=(rep, bsh), out_shardings=(rep, rep), donate_argnums=0)
   host_batch = next(data.train_iterator(config.data, batch_size=args.batch, image_size=size,
-                                        epoch=0, seed=0))
+                                        epoch=0, seed=0, mode="crop"))
   batch = parallel.to_global(host_batch, bsh)
   state = state_lib.create_train_state(models, config.model, num_classes, 0, tx, rep)
   compiled = step.lower(state, batch).compile()
@@ -187,7 +195,7 @@ def loop_part(args):
 
   def loop(i: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-      train_and_evaluate(config, os.path.join(tmp, f"w{i}"), models_lib=models, data_lib=data)
+      train_and_evaluate(config, os.path.join(tmp, f"w{i}"), models=models, data=data)
       with open(os.path.join(tmp, f"w{i}", "metrics.jsonl"), encoding="utf-8") as f:
         times = [r["step_time_s"] for r in map(json.loads, f)
                  if r.get("step_time_s") is not None]

@@ -203,31 +203,29 @@ def _strip_value(tree):
   return tree
 
 
-def load_model(config, workdir: str, *, step: int | None = None, models_lib=None,
+def load_model(config, workdir: str, *, step: int | None = None, models=None,
                num_classes: int | None = None):
   """The network of config as saved in workdir's checkpoint, in eval mode (for notebooks).
 
   Args:
     config: the run's config (workdir/config.json holds it too).
     step: a saved step; None means the latest.
-    models_lib: the model registry (default spp_jax.models).
+    models: the model registry (default spp_jax.models).
     num_classes: default from the data module (spp_jax.data.num_classes(config.data)).
   Returns:
     An nnx.Module: model(images, image_sizes=None) -> logits.
   """
-  from flax import nnx
-
   from spp_jax.train import parallel, schedules, state as state_lib
+  from spp_jax.train.model import default_registry
 
-  if models_lib is None:
-    from spp_jax import models as models_lib
+  models = default_registry() if models is None else models
   if num_classes is None:
     from spp_jax import data
     num_classes = data.num_classes(config.data)
   # Any callable schedule gives the optimiser state the structure that was saved.
   tx = schedules.make_optimizer(config.optimizer, lambda count: 0.0)
   rep = parallel.replicated(parallel.make_mesh())
-  abstract = state_lib.abstract_train_state(models_lib, config.model, num_classes,
+  abstract = state_lib.abstract_train_state(models, config.model, num_classes,
                                             int(config.seed), tx, rep)
   checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=1_000)
   try:
@@ -237,5 +235,5 @@ def load_model(config, workdir: str, *, step: int | None = None, models_lib=None
     state = checkpointer.restore(step, abstract).state
   finally:
     checkpointer.close()
-  defs = state_lib.model_defs(models_lib, config.model, num_classes)
-  return nnx.merge(defs.eval, state.params, state.rngs, state.other)
+  defs = state_lib.model_defs(models, config.model, num_classes)
+  return state_lib.merge(defs.eval, state)

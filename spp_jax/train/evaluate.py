@@ -10,7 +10,6 @@ every process.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -18,8 +17,8 @@ import jax
 import numpy as np
 
 from spp_jax.train import parallel
-from spp_jax.train.compiled import CompiledCache, CompileRecord
-from spp_jax.train.program_cache import ProgramCache
+from spp_jax.train.compile_log import CompileLog, describe
+from spp_jax.train.interfaces import DataSource
 from spp_jax.train.steps import make_eval_step
 
 log = logging.getLogger(__name__)
@@ -29,55 +28,41 @@ _SIZED_KINDS = ("full", "multiscale")
 
 
 class Evaluator:
-  """Runs every view of config.eval on a TrainState; one compilation per batch shape."""
+  """Runs every view of config.eval on a TrainState; `jax.jit` compiles once per batch shape."""
 
-  def __init__(self, eval_graphdef, mesh, data_lib, data_cfg, eval_cfg,
-               on_compile: Callable[[CompileRecord], None] | None = None,
-               programs: ProgramCache | None = None):
-    """eval_graphdef: the eval-mode graph definition, or a function returning it (called only
-    when a step must be traced). programs: optional on-disk cache of executables."""
-    self._mesh = mesh
-    self._data = data_lib
+  def __init__(self, eval_graphdef, mesh, data: DataSource, data_cfg, eval_cfg,
+               compile_log: CompileLog | None = None):
+    self._data = data
     self._data_cfg = data_cfg
     self._cfg = eval_cfg
     self._sharding = parallel.batch_sharded(mesh)
-    self._graphdef = eval_graphdef
-    self._on_compile = on_compile
-    self._programs = programs
     self._rep = parallel.replicated(mesh)
-    # One compiled-step cache per variant: (uses image sizes, per-view shapes or None).
-    self.steps: dict[tuple, CompiledCache] = {}
-    # Slice multi-scale views to their own padded shapes when the data module says them.
-    self.slice_multiscale = hasattr(data_lib, "multiscale_view_shapes")
+    self._graphdef = eval_graphdef
+    self._compile_log = compile_log
+    self._seen: set[tuple] = set()
+    # One jitted step per variant: (uses image sizes, per-view shapes or None).
+    self.steps: dict[tuple, Callable] = {}
 
-  def _step(self, sized: bool, view_shapes: tuple | None) -> CompiledCache:
+  def _step(self, sized: bool, view_shapes: tuple | None) -> Callable:
     key = (sized, view_shapes)
     if key not in self.steps:
-      name = "eval_step" + ("[image_size]" if sized else "") + (
-          f"[views {view_shapes}]" if view_shapes else "")
-
-      def make_jitted():
-        graphdef = self._graphdef() if callable(self._graphdef) else self._graphdef
-        fn = make_eval_step(graphdef, use_image_sizes=sized, view_shapes=view_shapes)
-        return jax.jit(fn, out_shardings=self._rep)
-      self.steps[key] = CompiledCache(name, make_jitted, self._on_compile, self._programs)
+      fn = make_eval_step(self._graphdef, use_image_sizes=sized, view_shapes=view_shapes)
+      self.steps[key] = jax.jit(fn, out_shardings=self._rep)
     return self.steps[key]
 
-  def _step_for(self, view, batch) -> CompiledCache:
+  def _run(self, state, view, batch, local_batch: int):
     sized = view.kind in _SIZED_KINDS
     shapes = None
-    if view.kind == "multiscale" and self.slice_multiscale:
+    if view.kind == "multiscale":
       shapes = tuple(tuple(int(v) for v in hw) for hw in self._data.multiscale_view_shapes(
           self._data_cfg, view, tuple(batch["image"].shape[2:4])))
-    return self._step(sized, shapes)
-
-  def _expected_batches(self, it, local_batch: int) -> int:
-    """Batches every process must run: len(it) when the data module guarantees it is the same
-    on every process; else enough for the largest share of an evenly split data set."""
-    if hasattr(it, "__len__"):
-      return len(it)
-    n = self._data.num_examples(self._data_cfg, self._data_cfg.eval_split)
-    return math.ceil(math.ceil(n / jax.process_count()) / local_batch)
+    step = self._step(sized, shapes)
+    if self._compile_log is not None:
+      signature = (sized, shapes, tuple((k, v.shape) for k, v in sorted(batch.items())))
+      if signature not in self._seen:
+        self._seen.add(signature)
+        self._compile_log.expect(describe(batch))
+    return step(state, parallel.to_global(batch, self._sharding, expected_local=local_batch))
 
   def evaluate_view(self, state, view, should_stop: Callable[[], bool] | None = None):
     """Returns {"top1", "top5", "loss"} (fractions, mean NLL) and "count", or None if stopped."""
@@ -87,7 +72,7 @@ class Evaluator:
                                   process_count=jax.process_count())
     # With several processes every one must run the same number of steps: pad with empty
     # (all-masked) batches if this process's share ran out first.
-    limit = self._expected_batches(it, local_batch) if jax.process_count() > 1 else None
+    limit = len(it) if jax.process_count() > 1 else None
     totals = None
     last = None
     done = 0
@@ -100,8 +85,7 @@ class Evaluator:
           raise ValueError(f"eval view {view.name!r}: the eval iterator yielded no batch")
         batch = dict(last, mask=np.zeros_like(last["mask"]))
       last = batch
-      step = self._step_for(view, batch)
-      out = step(state, parallel.to_global(batch, self._sharding, expected_local=local_batch))
+      out = self._run(state, view, batch, local_batch)
       totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
       done += 1
       if should_stop is not None and should_stop():

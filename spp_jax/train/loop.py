@@ -14,8 +14,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import functools
-import inspect
 import json
 import logging
 import math
@@ -29,13 +27,15 @@ import numpy as np
 from spp_jax import runtime
 from spp_jax.train import parallel, schedules, state as state_lib, workdir as workdir_lib
 from spp_jax.train.checkpoint import Checkpointer
-from spp_jax.train.compiled import CompiledCache, CompileRecord
+from spp_jax.train.compile_log import CompileLog, CompileRecord, describe
+from spp_jax.train.config_schema import ConfigError
 from spp_jax.train.evaluate import Evaluator
+from spp_jax.train.interfaces import DataSource, ModelRegistry
 from spp_jax.train.metrics import MetricWriter, Progress
+from spp_jax.train.model import default_registry
 from spp_jax.train.preemption import StopSignal
-from spp_jax.train.program_cache import ProgramCache
 from spp_jax.train.steps import make_train_step
-from spp_jax.train.validation import ConfigError, validate_config
+from spp_jax.train.validation import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,6 @@ RESULTS_FILE = "results.json"
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or the gradients became NaN/inf; the last good checkpoint is kept."""
-
-
-def _libs(models_lib, data_lib):
-  if models_lib is None:
-    from spp_jax import models as models_lib
-  if data_lib is None:
-    from spp_jax import data as data_lib
-  return models_lib, data_lib
-
-
-def _accepts(fn, name: str) -> bool:
-  try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-  return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def prepared_data_config(config, min_input_size: int):
@@ -100,32 +84,35 @@ class _Position:
     return dict(step=self.step, epoch=self.epoch, size=self.size)
 
 
-def train_and_evaluate(config, workdir: str, *, models_lib=None,
-                       data_lib=None) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str, *, models: ModelRegistry | None = None,
+                       data: DataSource | None = None) -> dict[str, float]:
   """Trains config's network on config's data in workdir, resuming from its checkpoints.
 
   Args:
-    config: an ml_collections.ConfigDict with the schema of spp_jax.train.defaults.
+    config: an ml_collections.ConfigDict (schema: spp_jax.train.config_schema).
     workdir: checkpoints/, tensorboard/, metrics.jsonl, config.json and results.json go here.
-    models_lib, data_lib: the model registry and data module (default spp_jax.models and
-      spp_jax.data); tests and benchmarks pass stand-ins with the same interface.
+    models, data: the model registry and data module (default spp_jax.models and
+      spp_jax.data); tests pass fakes with the same interfaces (train/interfaces.py).
   Returns:
     The final evaluation {"<view>/top1": fraction, "<view>/top5": fraction}, also written to
     workdir/results.json; {} when the run stopped early (SIGTERM or train.stop_at_step) after
     saving a checkpoint from which the next call resumes.
   Raises:
-    ValueError for a bad config (before anything is compiled), or a workdir holding a run with
-    an incompatible config; NonFiniteLossError when the loss stops being finite.
+    ConfigError for a bad config (before anything is compiled), or a workdir holding a run
+    with an incompatible config; NonFiniteLossError when the loss stops being finite.
   """
   t_start = time.time()
-  cache_dir = runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
+  runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
   parallel.initialize_distributed(config.distributed)
-  models_lib, data_lib = _libs(models_lib, data_lib)
-  info = validate_config(config, device_count=jax.device_count(),
-                         process_count=jax.process_count(), models_lib=models_lib)
+  if models is None:
+    models = default_registry()
+  if data is None:
+    from spp_jax import data
+  spec = validate_config(config, device_count=jax.device_count(),
+                         process_count=jax.process_count(), models=models)
   workdir = os.path.abspath(workdir)
   workdir_lib.check_and_save_config(config, workdir, write=jax.process_index() == 0)
-  trainer = _Trainer(config, workdir, models_lib, data_lib, info, t_start, cache_dir)
+  trainer = _Trainer(config, workdir, models, data, spec.min_input_size, t_start)
   try:
     return trainer.run()
   finally:
@@ -135,28 +122,28 @@ def train_and_evaluate(config, workdir: str, *, models_lib=None,
 class _Trainer:
   """State of one train_and_evaluate call; `run` is the loop."""
 
-  def __init__(self, config, workdir, models_lib, data_lib, info, t_start, cache_dir=None):
+  def __init__(self, config, workdir, models: ModelRegistry, data: DataSource,
+               min_input_size: int, t_start: float):
     self.config = config
     self.workdir = workdir
-    self.models = models_lib
-    self.data = data_lib
+    self.models = models
+    self.data = data
     self.t_start = t_start
     self.is_main = jax.process_index() == 0
     self.seed = int(config.seed)
     self.mode = config.train.mode
     self.num_epochs = int(config.train.num_epochs)
 
-    self.data_cfg = prepared_data_config(config, info.min_input_size)
-    self.num_classes = int(data_lib.num_classes(self.data_cfg))
+    self.data_cfg = prepared_data_config(config, min_input_size)
+    self.num_classes = int(data.num_classes(self.data_cfg))
     self.global_batch = int(config.train.batch_size)
     self.local_batch = parallel.local_batch_size(self.global_batch)
-    kwargs = {"mode": self.mode} if _accepts(data_lib.steps_per_epoch, "mode") else {}
-    self.steps_per_epoch = int(data_lib.steps_per_epoch(self.data_cfg, self.global_batch,
-                                                        **kwargs))
+    self.steps_per_epoch = int(data.steps_per_epoch(self.data_cfg, self.global_batch,
+                                                    mode=self.mode))
     if self.steps_per_epoch < 1:
       raise ConfigError(
           f"config.train.batch_size={self.global_batch} is larger than the training split "
-          f"({data_lib.num_examples(self.data_cfg, self.data_cfg.train_split)} examples)")
+          f"({data.num_examples(self.data_cfg, self.data_cfg.train_split)} examples)")
     self.total_steps = self.steps_per_epoch * self.num_epochs
     self.lr_schedule = schedules.learning_rate_schedule(config.optimizer, self.steps_per_epoch,
                                                         self.num_epochs)
@@ -167,44 +154,35 @@ class _Trainer:
     self.batch_sharding = parallel.batch_sharded(self.mesh)
     self.writer = MetricWriter(workdir, enabled=self.is_main)
     self.clock = _Clock()
-    self.compile_seconds = 0.0
     self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.train.keep_checkpoints)
-    # Everything the steps close over: the config and what the trainer derived from the data.
-    # The launch (coordinator address, process id) is not: the cache keys on processes and devices.
-    context = workdir_lib.config_to_dict(config)
-    context.pop("distributed", None)
-    self.programs = ProgramCache.create(
-        cache_dir, dict(config=context,
-                        data=workdir_lib.config_to_dict(self.data_cfg),
-                        num_classes=self.num_classes, steps_per_epoch=self.steps_per_epoch,
-                        num_epochs=self.num_epochs),
-        libs=(models_lib, data_lib), start_time=runtime.IMPORTED_AT)
-    self.train_step = CompiledCache("train_step", self._jit_train_step, self._on_compile,
-                                    self.programs)
-    self.evaluator = Evaluator(lambda: self.defs.eval, self.mesh, data_lib, self.data_cfg,
-                               config.eval, self._on_compile, self.programs)
+    self.compile_log = CompileLog(("init_state", "train_step", "eval_step"), self._on_compile)
+    self.defs = state_lib.model_defs(models, config.model, self.num_classes)
+    self.train_step = jax.jit(
+        make_train_step(self.defs.train, self.tx, use_image_sizes=(self.mode == "full_image")),
+        in_shardings=(self.rep, self.batch_sharding), out_shardings=(self.rep, self.rep),
+        donate_argnums=0)
+    self.train_shapes: set[tuple] = set()
+    self.evaluator = Evaluator(self.defs.eval, self.mesh, data, self.data_cfg, config.eval,
+                               self.compile_log)
     self.last_saved: int | None = None
     self.last_finite: jax.Array | None = None  # The latest step's "finite" flag.
 
-  @functools.cached_property
-  def defs(self) -> state_lib.ModelDefs:
-    """Graph definitions: needed only to trace a step (a warm program cache skips them)."""
-    return state_lib.model_defs(self.models, self.config.model, self.num_classes)
-
-  def _jit_train_step(self):
-    return jax.jit(make_train_step(self.defs.train, self.tx,
-                                   use_image_sizes=(self.mode == "full_image")),
-                   in_shardings=(self.rep, self.batch_sharding),
-                   out_shardings=(self.rep, self.rep), donate_argnums=0)
-
   def _on_compile(self, record: CompileRecord):
-    self.compile_seconds += record.seconds
     self.clock.excluded += record.seconds
     self.writer.event(dict(event="compile", fn=record.name, shapes=record.shapes,
-                           seconds=round(record.seconds, 3), source=record.source))
+                           seconds=round(record.seconds, 3), cache_hit=record.cache_hit))
+
+  def _train_step(self, state, batch):
+    signature = tuple((k, v.shape) for k, v in batch.items())
+    if signature not in self.train_shapes:
+      self.train_shapes.add(signature)
+      self.compile_log.expect(describe(batch))
+    return self.train_step(state, parallel.to_global(batch, self.batch_sharding,
+                                                     expected_local=self.local_batch))
 
   def close(self):
+    self.compile_log.close()
     self.checkpointer.close()
     self.writer.close()
 
@@ -214,9 +192,8 @@ class _Trainer:
     latest = self.checkpointer.latest_step()
     args = (self.models, self.config.model, self.num_classes, self.seed, self.tx, self.rep)
     if latest is None:
-      state = state_lib.create_train_state(*args, programs=self.programs,
-                                           on_compile=self._on_compile)
-      return state, _Position(step=0, epoch=0)
+      self.compile_log.expect("")
+      return state_lib.create_train_state(*args), _Position(step=0, epoch=0)
     restored = self.checkpointer.restore(latest, state_lib.abstract_train_state(*args))
     pos = _Position(step=int(restored.meta["step"]), epoch=int(restored.meta["epoch"]),
                     data_state=restored.data)
@@ -246,11 +223,10 @@ class _Trainer:
   # ---------------------------------------------------------------------------- loop
 
   def _train_iterator(self, pos: _Position):
-    kwargs = {"mode": self.mode} if _accepts(self.data.train_iterator, "mode") else {}
     it = self.data.train_iterator(
         self.data_cfg, batch_size=self.local_batch, image_size=pos.size, epoch=pos.epoch,
         seed=int(self.data_cfg.shuffle_seed), process_index=jax.process_index(),
-        process_count=jax.process_count(), **kwargs)
+        process_count=jax.process_count(), mode=self.mode)
     if pos.data_state is not None:
       it.set_state(pos.data_state)  # Resuming inside (or at the end of) this epoch.
     return it
@@ -259,22 +235,21 @@ class _Trainer:
     state, pos = self._initial_state()
     cfg = self.config
     progress = Progress(self.total_steps, pos.step, enabled=self.is_main,
-                        bar=None if cfg.train.get("progress_bar", True) else False)
+                        bar=None if cfg.train.progress_bar else False)
     pending: list[dict[str, jax.Array]] = []  # Metrics since the last log line.
     inflight: collections.deque = collections.deque()
     first_step = True
     every = int(cfg.eval.every_epochs or 0)
     it = None
     try:
-      with StopSignal(cfg.train.get("stop_at_step")) as stop:
+      with StopSignal(cfg.train.stop_at_step) as stop:
         while pos.epoch < self.num_epochs:
           # Full-image mode scales the images' short side by size / crop_size.
           pos.size = schedules.epoch_size(cfg.train, pos.epoch, self.seed)
           it = self._train_iterator(pos)
           for batch in it:
             pos.data_state = it.get_state()
-            state, metrics = self.train_step(state, parallel.to_global(
-                batch, self.batch_sharding, expected_local=self.local_batch))
+            state, metrics = self._train_step(state, batch)
             pos.step += 1
             self.clock.steps += 1
             pending.append(metrics)
@@ -287,7 +262,7 @@ class _Trainer:
               first_step = False
               self.writer.event(dict(event="first_step", step=pos.step,
                                      seconds_since_start=round(time.time() - self.t_start, 3),
-                                     compile_seconds=round(self.compile_seconds, 3)))
+                                     compile_seconds=round(self.compile_log.seconds, 3)))
               self.clock.reset()
             progress.update(pos.step)
             if pos.step % cfg.train.log_every_steps == 0:
@@ -330,9 +305,9 @@ class _Trainer:
     self._write_eval(pos, results, details, None)
     self.writer.event(dict(
         event="done", step=pos.step, seconds_since_start=round(time.time() - self.t_start, 3),
-        train_compilations=self.train_step.count,
-        eval_compilations=sum(s.count for s in self.evaluator.steps.values()),
-        compile_seconds=round(self.compile_seconds, 3)))
+        train_compilations=self.compile_log.count("train_step"),
+        eval_compilations=self.compile_log.count("eval_step"),
+        compile_seconds=round(self.compile_log.seconds, 3)))
     if self.is_main:
       path = os.path.join(self.workdir, RESULTS_FILE)
       with open(path + ".tmp", "w", encoding="utf-8") as f:

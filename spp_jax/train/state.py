@@ -9,7 +9,6 @@ keeps the step a pure function that shards with ordinary NamedShardings.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import jax
@@ -18,8 +17,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from spp_jax.train.compiled import CompileRecord
-from spp_jax.train.validation import model_options
+from spp_jax.train.interfaces import ModelRegistry
+from spp_jax.train.model import build_model
 
 # Split order used everywhere: params, rng state, the rest.
 STATE_FILTERS = (nnx.Param, nnx.RngState, ...)
@@ -43,15 +42,9 @@ class ModelDefs:
   eval: Any
 
 
-def _build(models_lib, model_cfg, num_classes: int, seed: int):
-  return models_lib.create(model_cfg.name, num_classes=num_classes,
-                           rngs=nnx.Rngs(params=seed, dropout=seed + 1),
-                           **model_options(model_cfg))
-
-
-def model_defs(models_lib, model_cfg, num_classes: int) -> ModelDefs:
+def model_defs(models: ModelRegistry, model_cfg, num_classes: int) -> ModelDefs:
   """Graph definitions from a shape-only instance (nothing is computed or compiled)."""
-  model = nnx.eval_shape(lambda: _build(models_lib, model_cfg, num_classes, 0))
+  model = nnx.eval_shape(lambda: build_model(models, model_cfg, num_classes=num_classes, seed=0))
   model.train()
   train_def = nnx.split(model, *STATE_FILTERS)[0]
   model.eval()
@@ -59,50 +52,27 @@ def model_defs(models_lib, model_cfg, num_classes: int) -> ModelDefs:
   return ModelDefs(train=train_def, eval=eval_def)
 
 
-def _init_fn(models_lib, model_cfg, num_classes: int, seed: int, tx: optax.GradientTransformation):
-  def init() -> TrainState:
-    model = _build(models_lib, model_cfg, num_classes, seed)
+def _init_fn(models: ModelRegistry, model_cfg, num_classes: int, seed: int,
+             tx: optax.GradientTransformation):
+  def init_state() -> TrainState:
+    model = build_model(models, model_cfg, num_classes=num_classes, seed=seed)
     model.train()
     _, params, rngs, other = nnx.split(model, *STATE_FILTERS)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, rngs=rngs, other=other,
                       opt_state=tx.init(params))
-  return init
+  return init_state
 
 
-def create_train_state(models_lib, model_cfg, num_classes: int, seed: int,
-                       tx: optax.GradientTransformation, sharding: NamedSharding, *,
-                       programs=None, on_compile=None) -> TrainState:
-  """Initialises parameters and optimiser state in one jitted call, replicated by `sharding`.
-
-  programs: optional ProgramCache; its context must determine `tx` (the other arguments are
-  part of the key). on_compile: called with the CompileRecord of the init program ("loaded":
-  the initial state was read from the cache).
-  """
-  init = _init_fn(models_lib, model_cfg, num_classes, seed, tx)
-  # Eager nnx init compiles op by op (seconds); one jit is one compilation.
-  jitted = jax.jit(init, out_shardings=sharding)
-  start = time.perf_counter()
-  if programs is None:
-    state, source = jitted(), "traced"
-  else:
-    static = dict(model=model_cfg.to_dict(), num_classes=num_classes, seed=seed,
-                  sharding=repr(sharding), devices=[int(i) for i in sharding.mesh.device_ids.flat])
-
-    def compute():
-      compiled, source = programs.compile("init_state", (), jitted.lower, static=static)
-      return compiled(), source
-    # The networks' initialisers call back into Python (host draws), which no executable file
-    # holds: the initial state itself is what a warm run reads.
-    state, source = programs.value("init_state", compute, sharding, static=static)
-  if on_compile is not None:
-    on_compile(CompileRecord("init_state", "", time.perf_counter() - start, source))
-  return state
+def create_train_state(models: ModelRegistry, model_cfg, num_classes: int, seed: int,
+                       tx: optax.GradientTransformation, sharding: NamedSharding) -> TrainState:
+  """Initialises parameters and optimiser state in one jitted call, replicated by `sharding`."""
+  return jax.jit(_init_fn(models, model_cfg, num_classes, seed, tx), out_shardings=sharding)()
 
 
-def abstract_train_state(models_lib, model_cfg, num_classes: int, seed: int,
+def abstract_train_state(models: ModelRegistry, model_cfg, num_classes: int, seed: int,
                          tx: optax.GradientTransformation, sharding: NamedSharding) -> TrainState:
   """Shapes, dtypes and shardings of the train state without computing it."""
-  shapes = jax.eval_shape(_init_fn(models_lib, model_cfg, num_classes, seed, tx))
+  shapes = jax.eval_shape(_init_fn(models, model_cfg, num_classes, seed, tx))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 

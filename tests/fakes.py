@@ -1,7 +1,7 @@
-"""Small stand-ins with the model-registry and data-module interfaces, for tests and benchmarks.
+"""Fakes with the trainer's interfaces (spp_jax/train/interfaces.py), for tests and benchmarks.
 
 `TinyModels` builds a one-conv SPP net in milliseconds; `SyntheticData` yields batches in the
-data module's format from an in-memory rule (no files). Both follow the team contract exactly,
+data module's format from an in-memory rule (no files). They implement the whole interfaces,
 so the training loop can be tested, and its overhead measured, apart from the real networks
 and input pipeline.
 
@@ -12,6 +12,7 @@ p of n reads rows [p*B/n, (p+1)*B/n) of it. That is what makes "2 processes x 2 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -33,7 +34,8 @@ class TinyNet(nnx.Module):
 
   def __init__(self, *, num_classes: int, rngs: nnx.Rngs, spp_levels=(2, 1), head: str = "spp",
                width_multiplier: float = 1.0, fc_width: int = 16, dropout_rate: float = 0.5,
-               dtype=jnp.float32, param_dtype=jnp.float32, base_size: int = 16):
+               dtype="float32", param_dtype="float32", base_size: int = 16):
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     if head not in ("spp", "fixed"):
       raise ValueError(f"head must be 'spp' or 'fixed', got head={head!r}")
     channels = max(1, int(round(8 * width_multiplier)))
@@ -74,12 +76,26 @@ class TinyNet(nnx.Module):
     return self.head(self.pool(*self.features(images, image_sizes)))
 
 
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+  min_input_size: int
+  base_size: int
+
+
 class TinyModels:
-  """Registry stand-in: names() and create(name, *, num_classes, rngs, **options)."""
+  """Registry fake: names(), spec(name, **options), create(name, *, num_classes, rngs, **options)."""
 
   @staticmethod
   def names() -> tuple[str, ...]:
     return ("tiny",)
+
+  @staticmethod
+  def spec(name: str, **options) -> TinySpec:
+    if name != "tiny":
+      raise ValueError(f"unknown model name={name!r}; known: tiny")
+    base = options.get("base_size") or 16
+    return TinySpec(min_input_size=base if options.get("head") == "fixed" else TinyNet.min_input_size,
+                    base_size=base)
 
   @staticmethod
   def create(name: str, *, num_classes: int, rngs: nnx.Rngs, **options) -> TinyNet:
@@ -120,6 +136,9 @@ class EpochIterator:
     self._next += 1
     return batch
 
+  def __len__(self) -> int:
+    return self._num_batches
+
   def get_state(self) -> dict[str, Any]:
     return {"next_batch": self._next}
 
@@ -128,7 +147,7 @@ class EpochIterator:
 
 
 class SyntheticData:
-  """Data-module stand-in. Reads data_cfg.num_train / num_eval / num_classes when present.
+  """Data-module fake: num_train / num_eval examples of num_classes classes.
 
   Full-image training (data_cfg.mode == "full_image" or train.mode passed as mode=) uses
   data_cfg.full_image.buckets: batch i is padded to bucket i % len(buckets) and its images
@@ -136,10 +155,11 @@ class SyntheticData:
   """
 
   def __init__(self, num_train: int = 64, num_eval: int = 20, num_classes: int = 4):
-    self.defaults = dict(num_train=num_train, num_eval=num_eval, num_classes=num_classes)
+    self.sizes = dict(num_train=num_train, num_eval=num_eval, num_classes=num_classes)
 
   def _get(self, data_cfg, key):
-    return int(data_cfg.get(key, None) or self.defaults[key])
+    del data_cfg
+    return self.sizes[key]
 
   def num_classes(self, data_cfg) -> int:
     return self._get(data_cfg, "num_classes")
@@ -147,8 +167,12 @@ class SyntheticData:
   def num_examples(self, data_cfg, split: str) -> int:
     return self._get(data_cfg, "num_train" if split == data_cfg.train_split else "num_eval")
 
-  def steps_per_epoch(self, data_cfg, batch_size: int) -> int:
+  def steps_per_epoch(self, data_cfg, batch_size: int, *, mode: str) -> int:
+    del mode
     return self._get(data_cfg, "num_train") // batch_size
+
+  def multiscale_view_shapes(self, data_cfg, view, padded_shape):
+    raise NotImplementedError("SyntheticData has no multiscale views")
 
   def train_iterator(self, data_cfg, *, batch_size: int, image_size: int, epoch: int, seed: int,
                      process_index: int = 0, process_count: int = 1, mode: str = "crop"):
@@ -188,7 +212,7 @@ class SyntheticData:
     mine = np.arange(n)[process_index::process_count]
     num_batches = math.ceil(math.ceil(n / process_count) / batch_size)
     num_views = 10 if view.kind == "ten_view" else 1
-    size = int(view.get("size", None) or view.get("short_side", None) or data_cfg.crop_size)
+    size = int(view.size or view.short_side or data_cfg.crop_size)
 
     def make_batch(b: int) -> dict[str, np.ndarray]:
       images = np.zeros((batch_size, num_views, size, size, 3), np.float32)
@@ -209,19 +233,18 @@ class SyntheticData:
 
 def tiny_config(**overrides):
   """A complete config for TinyModels + SyntheticData that trains in about a second."""
-  from spp_jax.train import defaults
+  from spp_jax.train import default_config, view
 
-  c = defaults.default_config()
+  c = default_config()
   c.model.name = "tiny"
   c.model.spp_levels = (2, 1)
   c.model.fc_width = 16
   c.model.dropout_rate = 0.25
   c.data.name = "synthetic"
+  c.data.resize_short = None
   c.data.crop_size = 16
-  c.data.num_train = 64
-  c.data.num_eval = 20
-  c.data.num_classes = 4
-  c.data.full_image.short_side = 16
+  c.data.color_jitter = 0.0
+  c.data.full_image.short_side = 12
   c.data.full_image.buckets = ((16, 16), (12, 20))
   c.train.batch_size = 8
   c.train.num_epochs = 2
@@ -234,7 +257,6 @@ def tiny_config(**overrides):
   c.optimizer.decay_epochs = (1,)
   c.eval.batch_size = 8
   c.eval.every_epochs = 1
-  from spp_jax.train.defaults import view
   c.eval.views = [view("center", "center", size=16), view("full", "full", short_side=16),
                   view("ten_view", "ten_view", size=16)]
   for key, value in overrides.items():
@@ -268,9 +290,9 @@ class SlowData(SyntheticData):
 
 
 def main(argv=None) -> int:
-  """Worker for subprocess tests: trains tiny_config with the stand-ins.
+  """Worker for subprocess tests: trains tiny_config with the fakes.
 
-  python -m spp_jax.train.testing --workdir W [--set train.batch_size=16 ...] [--delay S]
+  python tests/fakes.py --workdir W [--set train.batch_size=16 ...] [--delay S]
       [--coordinator host:port --num-processes N --process-id I]
   Prints one line "RESULT <json>" with the results (and "CONFIG_ERROR <msg>" for a bad config).
   """
@@ -302,12 +324,11 @@ def main(argv=None) -> int:
     config.distributed.num_processes = args.num_processes
     config.distributed.process_id = args.process_id
 
-  from spp_jax.train.loop import train_and_evaluate
-  from spp_jax.train.validation import ConfigError
+  from spp_jax.train import ConfigError, train_and_evaluate
 
   data = SlowData(args.delay) if args.delay else SyntheticData()
   try:
-    results = train_and_evaluate(config, args.workdir, models_lib=TinyModels, data_lib=data)
+    results = train_and_evaluate(config, args.workdir, models=TinyModels(), data=data)
   except ConfigError as e:
     print("CONFIG_ERROR " + str(e).replace("\n", " "), flush=True)
     return 3
