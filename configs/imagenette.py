@@ -9,7 +9,8 @@ r"""ZF-5 with SPP on Imagenette (10 ImageNet classes, ~9.5k / 3.9k images): GPU/
 Variants (comma separated): multi (default: 224 and 180, one epoch each in turn), single,
 uniform, nospp, levels=NNNN, full_image, tiny (alias runlocal: a narrow net on the embedded data
 set, to check the pipeline on a CPU). Prepare the data set as array_record first (see the data
-README: `imagenette/full-size-v2`). bfloat16 compute with float32 parameters; the batch is
+README: `imagenette/full-size-v2`). bfloat16 compute on GPU/TPU (float32 on CPU) with float32
+parameters; the batch is
 global and must divide over the devices (add hosts with jax.distributed, see spp_jax/main.py).
 Evaluation views: centre 224 crop, the full image (short side 256), 10-view.
 """
@@ -21,8 +22,6 @@ from spp_jax.train import default_config, variants
 
 def get_config(arg=None):
   c = default_config()
-  c.model.dtype = "bfloat16"
-
   c.data.name = "imagenette/full-size-v2"
   c.data.num_workers = 8
 

@@ -57,11 +57,12 @@ def main(argv):
     run(config, _WORKDIR.value, log=lambda m: print(m, flush=True))
     return
 
-  from spp_jax.train import ConfigError, loop, parallel, results_table
+  from spp_jax.train import ConfigError, loop, results_table
 
-  parallel.initialize_distributed(config.distributed, coordinator_address=_COORDINATOR.value,
-                                  num_processes=_NUM_PROCESSES.value,
-                                  process_id=_PROCESS_ID.value)
+  from spp_jax.train import cluster
+
+  cluster.initialize(config.distributed, coordinator_address=_COORDINATOR.value,
+                     num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   try:
     results = loop.train_and_evaluate(config, _WORKDIR.value)
   except (ConfigError, loop.NonFiniteLossError) as e:

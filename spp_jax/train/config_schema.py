@@ -153,10 +153,9 @@ SCHEMA: dict[str, Any] = {
     "allow_config_change": Key(False, boolean(), "continue a workdir whose saved config differs "
                                "in a training key (main.py --force)"),
     "distributed": {
-        "initialize": Key("auto", Rule("'auto', True or False", lambda v: v in ("auto", True,
-                                                                              False), str),
-                          "jax.distributed.initialize(): 'auto' when a coordinator address or "
-                          "a cluster environment is found"),
+        "mode": Key("auto", one_of("auto", "single", "explicit"),
+                    "'auto': a Cloud TPU VM, SLURM or Open MPI launch is recognised, else one "
+                    "process; 'single'; 'explicit': the three keys below (train/cluster.py)"),
         "coordinator_address": Key(None, text(optional=True), "host:port of process 0"),
         "num_processes": Key(None, integer(1, optional=True), "number of processes"),
         "process_id": Key(None, integer(0, optional=True), "this process's index"),
@@ -174,7 +173,8 @@ SCHEMA: dict[str, Any] = {
         "base_size": Key(None, integer(1, optional=True),
                          "the input the fixed head is built for; None: the architecture's own "
                          "(224 for the paper's nets)"),
-        "dtype": Key(None, one_of(*DTYPES, optional=True), "compute dtype; None: float32"),
+        "dtype": Key(None, one_of(*DTYPES, optional=True),
+                     "compute dtype; None: bfloat16 on GPU/TPU, float32 on CPU"),
         "param_dtype": Key(None, one_of(*DTYPES, optional=True),
                            "parameter dtype; None: float32"),
     },

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from spp_jax import runtime
-from spp_jax.train import parallel, schedules, state as state_lib, workdir as workdir_lib
+from spp_jax.train import cluster, parallel, schedules, state as state_lib, workdir as workdir_lib
 from spp_jax.train.checkpoint import Checkpointer
 from spp_jax.train.compile_log import CompileLog, CompileRecord, describe
 from spp_jax.train.config_schema import ConfigError
@@ -103,7 +103,7 @@ def train_and_evaluate(config, workdir: str, *, models: ModelRegistry | None = N
   """
   t_start = time.time()
   runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
-  parallel.initialize_distributed(config.distributed)
+  cluster.initialize(config.distributed)
   if models is None:
     models = default_registry()
   if data is None:

@@ -3,7 +3,8 @@ detection.
 
 config.model keys left at None are not passed on, so the registry applies the architecture's
 own default (models/arch.py): the small net gets levels (4, 2, 1) and fc width 256, the paper's
-nets (6, 3, 2, 1) and 4096.
+nets (6, 3, 2, 1) and 4096. The compute dtype is the exception: None means bfloat16 on GPUs and
+TPUs and float32 on CPUs (parameters stay float32 unless model.param_dtype says otherwise).
 """
 
 from __future__ import annotations
@@ -22,11 +23,25 @@ def default_registry() -> ModelRegistry:
   return models
 
 
-def model_options(model_cfg) -> dict[str, Any]:
-  """config.model -> keyword options for registry.create (None: the architecture's own)."""
+def compute_dtype(platform: str) -> str:
+  """The default compute dtype on `platform` ("cpu", "gpu", "cuda", "rocm", "tpu")."""
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def model_options(model_cfg, platform: str | None = None) -> dict[str, Any]:
+  """config.model -> keyword options for registry.create (None: the architecture's own).
+
+  platform: where the model will run, for the default compute dtype; None: JAX's default
+  backend.
+  """
   out = {}
   for key in OPTIONS:
     value = model_cfg.get(key)
+    if value is None and key == "dtype":
+      if platform is None:
+        import jax
+        platform = jax.default_backend()
+      value = compute_dtype(platform)
     if value is None:
       continue
     if key == "spp_levels":

@@ -1,4 +1,4 @@
-"""Data parallelism: multi-host start-up, the device mesh, and host batches made global.
+"""Data parallelism: the device mesh, and host batches made global (start-up: cluster.py).
 
 Parameters are replicated on every device (NamedSharding P()); each batch is split along its
 first axis over the mesh axis "data". Every process feeds its own slice of the global batch
@@ -9,7 +9,6 @@ the slices into one global array, so the same jitted step runs on 1 CPU or a pod
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
@@ -19,50 +18,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
-
-# Environment variables that mean a multi-process launch, besides jax's own cluster detection.
-_LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS",)
-
-
-def _cluster_detected() -> bool:
-  """True when one of jax's cluster environments (SLURM, Open MPI, TPU pods, k8s) is present."""
-  try:
-    from jax._src import clusters
-    return any(c.is_env_present() for c in clusters.ClusterEnv._cluster_types)  # noqa: SLF001
-  except Exception:  # pylint: disable=broad-except  # Private API: never fail a launch on it.
-    return False
-
-
-def initialize_distributed(dist_cfg, *, coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> bool:
-  """Calls `jax.distributed.initialize` when this is a multi-process run; returns whether it did.
-
-  dist_cfg.initialize: "auto" (when a coordinator address is given or jax detects a cluster),
-  True (always; jax detects the rest) or False. Explicit arguments win over dist_cfg fields.
-  Must run before anything touches a device.
-  """
-  addr = coordinator_address or dist_cfg.get("coordinator_address")
-  nproc = num_processes if num_processes is not None else dist_cfg.get("num_processes")
-  pid = process_id if process_id is not None else dist_cfg.get("process_id")
-  mode = dist_cfg.get("initialize", "auto")
-  if mode not in ("auto", True, False):
-    raise ValueError(f"config.distributed.initialize must be 'auto', True or False, got {mode!r}")
-  if mode is False:
-    return False
-  if mode == "auto" and not (addr or any(k in os.environ for k in _LAUNCH_ENV)
-                             or _cluster_detected()):
-    return False
-  if jax.distributed.is_initialized():
-    return True
-  kwargs = {k: v for k, v in dict(coordinator_address=addr, num_processes=nproc,
-                                  process_id=pid).items() if v is not None}
-  jax.distributed.initialize(**kwargs)
-  log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
-           jax.process_index(), jax.process_count(), jax.local_device_count(),
-           jax.device_count())
-  return True
-
 
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh over every device (global order: process 0's devices first)."""
