@@ -9,10 +9,13 @@ padded bucket, flips and alters colours.
 Testing (SPEC §4): centre crop, full image, 10-view, and multi-scale full images (one per
 scale; the evaluator takes windows on their feature maps).
 
-Every function takes the decoded image (a PIL image or uint8 (H, W, 3)) and returns float32
-images already normalised; each geometric step is one resampling from the source pixels
-(a crop of the resized image is resampled directly from the source region). The network's
-minimum size is guaranteed here (`SmallImage` for the "reject" policy).
+Every function takes the decoded image (a PIL image or uint8 (H, W, 3)); each geometric step
+is one resampling from the source pixels (a crop of the resized image is resampled directly
+from the source region). The `*_pixels` functions and `ten_view_canvas` stop at uint8 pixels
+and leave flips, colours and normalisation to the device (data.batch_dtype = "uint8",
+`on_device.py`), drawing the same random numbers in the same order; the others return float32
+images already normalised (data.batch_dtype = "float32"). The network's minimum size is
+guaranteed here (`SmallImage` for the "reject" policy).
 """
 
 from __future__ import annotations
@@ -82,17 +85,24 @@ def _resized_crop(image, resized: tuple[int, int], top: int, left: int, crop: in
   return transforms.resized_crop(image, (top * sy, left * sx, crop * sy, crop * sx), (out, out))
 
 
-def train_crop_uint8(image, settings: DataSettings, out_size: int, rng: np.random.Generator
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
-  """The geometry of `train_crop` and its colour factors: (uint8 (S, S, 3), factors or None).
-  The pipeline colours a whole batch of these in one product (`finish`)."""
+def train_crop_pixels(image, settings: DataSettings, out_size: int, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, bool]:
+  """The geometry of `train_crop`: (uint8 (S, S, 3) unflipped, whether to mirror it)."""
   image = check_small(image, settings)
   crop = settings.crop_size
   resized = _crop_geometry(transforms.image_hw(image), settings.resize_short, crop)
   top = int(rng.integers(0, resized[0] - crop + 1))
   left = int(rng.integers(0, resized[1] - crop + 1))
   out = _resized_crop(image, resized, top, left, crop, out_size)
-  if settings.flip and rng.random() < 0.5:
+  return out, bool(settings.flip and rng.random() < 0.5)
+
+
+def train_crop_uint8(image, settings: DataSettings, out_size: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+  """The geometry of `train_crop` and its colour factors: (uint8 (S, S, 3), factors or None).
+  The pipeline colours a whole batch of these in one product (`finish`)."""
+  out, flip = train_crop_pixels(image, settings, out_size, rng)
+  if flip:
     out = transforms.flip_left_right(out)
   return out, _factors(settings, rng)
 
@@ -105,17 +115,24 @@ def train_crop(image, settings: DataSettings, out_size: int, rng: np.random.Gene
   return finish(out[None], [factors], settings)[0]
 
 
+def full_image_pixels(image, settings: DataSettings, short_side: int, bucket: tuple[int, int],
+                      rng: np.random.Generator | None = None) -> tuple[np.ndarray, bool]:
+  """The geometry of `full_image`: (uint8 (h, w, 3) unflipped, whether to mirror it)."""
+  image = check_small(image, settings)
+  size = transforms.short_side_size(transforms.image_hw(image), short_side)
+  size = transforms.fit_to_bucket(size, bucket, settings.min_size)
+  out = transforms.resize(image, size)
+  return out, bool(rng is not None and settings.flip and rng.random() < 0.5)
+
+
 def full_image(image, settings: DataSettings, short_side: int, bucket: tuple[int, int],
                rng: np.random.Generator | None = None, flip: bool = False) -> np.ndarray:
   """(h, w, 3) float32 with min(h, w) == short_side (aspect kept) fitted into bucket.
 
   With rng (training): random flip if data.flip, colour alteration. `flip` forces a flip.
   """
-  image = check_small(image, settings)
-  size = transforms.short_side_size(transforms.image_hw(image), short_side)
-  size = transforms.fit_to_bucket(size, bucket, settings.min_size)
-  out = transforms.resize(image, size)
-  if flip or (rng is not None and settings.flip and rng.random() < 0.5):
+  out, drawn = full_image_pixels(image, settings, short_side, bucket, rng)
+  if flip or drawn:
     out = transforms.flip_left_right(out)
   return _finish(out, settings, rng)
 
@@ -143,3 +160,61 @@ def eval_views(image, settings: DataSettings, view: ViewSettings,
   if view.flip:
     out += [o[:, ::-1] for o in out]
   return out
+
+
+def eval_pixels(image, settings: DataSettings, view: ViewSettings,
+                buckets: list[tuple[int, int]] | None = None) -> list[np.ndarray]:
+  """uint8 images of a "center", "full" or "multiscale" view; multiscale: one per scale (the
+  device appends the mirrored ones)."""
+  image = check_small(image, settings)
+  if view.kind == "center":
+    resized = _crop_geometry(transforms.image_hw(image), view.short_side, view.size)
+    top, left = transforms.corner_offsets(resized, view.size)["center"]
+    return [_resized_crop(image, resized, top, left, view.size, view.size)]
+  if view.kind == "ten_view":
+    raise ValueError("ten_view images travel as a canvas: use ten_view_canvas")
+  scales = (view.short_side,) if view.kind == "full" else view.scales
+  return [full_image_pixels(image, settings, sc, b)[0] for sc, b in zip(scales, buckets)]
+
+
+def ten_view_canvas_shape(view: ViewSettings) -> tuple[int, int]:
+  """(Hc, Wc) that holds every image's ten-view bands: short side first, at most 3 crops."""
+  cap = 3 * view.size
+  return (cap if view.short_side is None else min(view.short_side, cap)), cap
+
+
+def _bands(length: int, size: int, cap: int) -> np.ndarray | None:
+  """Indices along one axis that the 10 crops read, when the axis is longer than cap (None:
+  keep it whole). The crops start at 0, (length - size) // 2 and length - size."""
+  if length <= cap:
+    return None
+  starts = (0, (length - size) // 2, length - size)
+  return np.unique(np.concatenate([np.arange(s, s + size) for s in starts]))
+
+
+def ten_view_canvas(image, settings: DataSettings, view: ViewSettings
+                    ) -> tuple[np.ndarray, np.ndarray, bool]:
+  """The resized image of a ten_view, laid out for `on_device.ten_view_crops`.
+
+  Returns (pixels (h, w, 3) uint8 with h <= Hc and w <= Wc of `ten_view_canvas_shape`,
+  offsets (5, 2) int32 (top, left) of the centre and corner crops in it, transposed): a
+  portrait image is stored transposed (so one canvas shape holds both orientations), and an
+  axis longer than the canvas keeps only the bands the crops read. The crops cut there equal
+  `transforms.ten_views` of the resized image.
+  """
+  image = check_small(image, settings)
+  resized = _crop_geometry(transforms.image_hw(image), view.short_side, view.size)
+  whole = transforms.resize(image, resized)
+  offsets = transforms.corner_offsets(resized, view.size)
+  offsets = np.array([offsets[name] for name in transforms.TEN_VIEW_CORNERS], np.int64)
+  transposed = resized[0] > resized[1]
+  if transposed:
+    whole, offsets = whole.transpose(1, 0, 2), offsets[:, ::-1]
+  hc, wc = ten_view_canvas_shape(view)
+  rows = _bands(whole.shape[0], view.size, hc)
+  cols = _bands(whole.shape[1], view.size, wc)
+  if rows is not None:
+    whole, offsets[:, 0] = whole[rows], np.searchsorted(rows, offsets[:, 0])
+  if cols is not None:
+    whole, offsets[:, 1] = whole[:, cols], np.searchsorted(cols, offsets[:, 1])
+  return whole, offsets.astype(np.int32), bool(transposed)

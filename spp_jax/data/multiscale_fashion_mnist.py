@@ -123,13 +123,15 @@ class MultiscaleFashionMnist(tfds.core.GeneratorBasedBuilder):
       # Fragments come from the subset only, so a subset is a set of its own.
       images, labels = images[:num], labels[:num]
     cfg = self.builder_config
-    for i, png, label, box, (h, w) in _draw(images, labels, cfg.seed, split, cfg.synth,
-                                            self._num_workers):
+    for item in _draw(images, labels, cfg.seed, split, cfg.synth, self._num_workers):
+      i, png, label, box = item[:4]
+      if len(item) == 5:  # older synth: box (ymin, xmin, ymax, xmax) in pixels, then (h, w)
+        h, w = item[4]
+        box = (box[0] / h, box[1] / w, box[2] / h, box[3] / w)
       yield i, {
           "image": png,
           "label": label,
-          "bbox": tfds.features.BBox(ymin=box[0] / h, xmin=box[1] / w, ymax=box[2] / h,
-                                     xmax=box[3] / w),
+          "bbox": tfds.features.BBox(ymin=box[0], xmin=box[1], ymax=box[2], xmax=box[3]),
           "item_index": i,
       }
 

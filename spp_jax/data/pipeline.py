@@ -17,6 +17,12 @@ Images are normalised ((x - mean) / std) and zero-padded at the bottom and right
 (eval) are zeros with label 0 and image_size = their view's padded shape; a skipped training
 example's slot repeats a good example of the batch with mask 0.
 
+data.batch_dtype = "uint8": the batches carry uint8 pixels, each image once, and the steps
+finish them with `on_device.train_batch` / `on_device.eval_batch` (layouts in `on_device.py`):
+training adds flip (B,) bool; ten_view sends one canvas per image with its crop offsets;
+multiscale sends one image per scale (the device mirrors them). The device's output equals the
+float32 batches above.
+
 Multi-scale layout: view v is the whole image resized so its short side is scales[v], in the
 step's bucket scaled to that scale (with view.flip, views V/2.. are the same images flipped);
 all views of a batch are padded to the largest scale's bucket (H, W). `multiscale_view_shapes` gives each view's own padded shape, so an evaluator can
@@ -35,12 +41,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
-from spp_jax.data import examples, plan as plan_lib, sources, transforms
+from spp_jax.data import assemble, examples, plan as plan_lib, sources, transforms
+from spp_jax.data.buckets import example_buckets
 from spp_jax.data.settings import (DataSettings, ViewSettings, check_min_size, data_settings,
                                    view_settings)
 
@@ -88,6 +96,7 @@ class BatchMaker:
   view: ViewSettings | None = None
   view_buckets: tuple[tuple[tuple[int, int], ...], ...] = ()  # eval: per view scale
   process_count: int = 1
+  shared_memory: bool = False  # uint8 images allocated in shared memory (grain workers)
 
   def __post_init__(self):
     self._source = None
@@ -109,7 +118,11 @@ class BatchMaker:
     """The smallest short side the transforms need: JPEGs may decode at reduced size."""
     s = self.settings
     if self.kind == "train_crop":
-      return s.resize_short
+      # The crop (crop_size of the image at resize_short) is resampled to out_size: the source
+      # needs a short side of resize_short * out_size / crop_size at most.
+      if s.resize_short is None:
+        return None
+      return math.ceil(s.resize_short * min(1.0, self.out_size / s.crop_size))
     if self.kind == "train_full":
       return self.short_side
     v = self.view
@@ -142,6 +155,24 @@ class BatchMaker:
 
   # -- per example
 
+  @property
+  def pixels(self) -> bool:
+    return self.settings.batch_dtype == "uint8"
+
+  def _pixel_views(self, image, rng, bucket):
+    """(views, extra) of the uint8 layout."""
+    s = self.settings
+    if self.kind == "train_crop":
+      out, flip = examples.train_crop_pixels(image, s, self.out_size, rng)
+      return [out], {"flip": flip}
+    if self.kind == "train_full":
+      out, flip = examples.full_image_pixels(image, s, self.short_side, self.buckets[bucket], rng)
+      return [out], {"flip": flip}
+    if self.view.kind == "ten_view":
+      out, offsets, transposed = examples.ten_view_canvas(image, s, self.view)
+      return [out], {"view_offsets": offsets, "transposed": transposed}
+    return examples.eval_pixels(image, s, self.view, [b[bucket] for b in self.view_buckets]), {}
+
   def _views(self, image, rng, bucket):
     s = self.settings
     if self.kind == "train_crop":  # uint8 + colour factors: coloured per batch in _assemble
@@ -159,7 +190,7 @@ class BatchMaker:
     if self.view.kind in ("center", "ten_view"):
       return [(self.view.size, self.view.size)] * self.view.num_views
     shapes = [b[bucket] for b in self.view_buckets]
-    return shapes * (2 if self.view.flip else 1)
+    return shapes * (2 if self.view.flip and not self.pixels else 1)
 
   def __call__(self, item) -> dict:
     t, row, bucket = item
@@ -182,48 +213,33 @@ class BatchMaker:
         skipped.append(str(e))
         continue
       try:
-        outputs[j] = (self._views(image, rng, bucket), label)
+        if self.pixels:
+          views, extra = self._pixel_views(image, rng, bucket)
+          outputs[j] = (views, label, extra)
+        else:
+          outputs[j] = (self._views(image, rng, bucket), label)
       except examples.SmallImage as e:
         rejected.append(f"{source.describe(index)}: {e}")
     return self._assemble(row, bucket, outputs, skipped, rejected)
 
   def _assemble(self, row, bucket, outputs, skipped, rejected) -> dict:
     b = len(row)
-    if self.kind == "train_crop" and outputs:
-      # One batched colour transform for the same-size crops (skipped slots: any crop).
-      order = sorted(outputs)
-      fill = outputs[order[0]][0][0][0]
-      crops = np.stack([outputs[j][0][0][0] if j in outputs else fill for j in range(b)])
-      factors = [outputs[j][0][0][1] if j in outputs else None for j in range(b)]
-      coloured = examples.finish(crops, factors, self.settings)
-      outputs = {j: ([coloured[j]], lab) for j, (_, lab) in outputs.items()}
     shapes = self.view_shapes(bucket)
-    h, w = max(s[0] for s in shapes), max(s[1] for s in shapes)
-    train = self.kind != "eval"
-    nv = len(shapes)
-    image = np.zeros((b, nv, h, w, 3), np.float32)
-    sizes = np.empty((b, nv, 2), np.int32)
-    sizes[:] = shapes  # padding slots: each view's padded shape (valid for any pooling)
-    label = np.zeros((b,), np.int32)
-    mask = np.zeros((b,), np.float32)
-    for j, (views, lab) in outputs.items():
-      for v, x in enumerate(views):
-        image[j, v, :x.shape[0], :x.shape[1]] = x
-        sizes[j, v] = x.shape[:2]
-      label[j] = lab
-      mask[j] = 1.0
-    if train and outputs and len(outputs) < b:
-      # A skipped example's slot repeats a good one with mask 0: the step sees real data
-      # whether or not it weights by the mask.
-      first = next(iter(outputs))
-      for j in range(b):
-        if j not in outputs:
-          image[j], sizes[j], label[j] = image[first], sizes[first], label[first]
-    batch = {"image": image[:, 0] if train else image,
-             "image_size": sizes[:, 0] if train else sizes, "label": label, "mask": mask}
+    if not self.pixels:
+      batch = assemble.float_batch(self.kind, b, shapes, outputs, self.settings)
+    else:
+      kind, canvas = self.kind, None
+      if kind == "eval" and self.view.kind == "ten_view":
+        kind, canvas = "ten_view", examples.ten_view_canvas_shape(self.view)
+      batch = assemble.pixel_batch(kind, b, shapes, outputs, shared=self.shared_memory,
+                                   canvas=canvas)
     batch["_skipped"] = skipped or None  # popped by BatchIterator (names for the log)
     batch["_rejected"] = rejected or None
     return batch
+
+  @property
+  def bucketed(self) -> bool:
+    return self.kind == "train_full" or (self.kind == "eval" and self.view.bucketed)
 
 
 # ----------------------------------------------------------------------------- iterator
@@ -245,6 +261,7 @@ class BatchIterator:
     self._it = None
     self.skipped = 0
     self.rejected = 0
+    self._padding = [0, 0]  # padding pixels, batch pixels (bucketed batches)
 
   def __len__(self) -> int:
     return self._plan.num_steps
@@ -269,11 +286,19 @@ class BatchIterator:
 
   def __next__(self) -> dict:
     if self._step >= len(self):
+      if self._maker.bucketed and self._padding[1]:
+        log.info("%s: padding fraction %.3f (padding pixels / batch pixels over %d batches)",
+                 self._identity.get("kind"), self.padding_fraction, len(self))
       self.close()
       raise StopIteration
     if self._it is None:
       self._it = self._build()
     batch = next(self._it)
+    if self._maker.bucketed:
+      shapes = self._maker.view_shapes(int(self._plan.buckets[self._step]))
+      pad, total = assemble.padding_counts(batch["image_size"], batch["mask"], shapes)
+      self._padding[0] += pad
+      self._padding[1] += total
     self._step += 1
     for key, attr, what in (("_skipped", "skipped", "skipped undecodable"),
                             ("_rejected", "rejected", "rejected small")):
@@ -283,6 +308,11 @@ class BatchIterator:
         for name in names:
           log.warning("%s image: %s (%d so far)", what, name, getattr(self, attr))
     return batch
+
+  @property
+  def padding_fraction(self) -> float | None:
+    """Padding pixels over batch pixels of the bucketed batches read so far (None: none)."""
+    return self._padding[0] / self._padding[1] if self._padding[1] else None
 
   def get_state(self) -> dict:
     return dict(self._identity, step=self._step, num_steps=len(self))
@@ -322,22 +352,6 @@ def _absl_flags_parsed():
 # ----------------------------------------------------------------------------- buckets
 
 
-def example_buckets(settings: DataSettings, split: str, *, process_count: int = 1
-                    ) -> np.ndarray:
-  """(N,) int32 bucket of every example at the base short side (data.full_image)."""
-  sizes = sources.image_sizes(settings, split, process_count=process_count)
-  out = np.zeros((len(sizes),), np.int32)  # unknown sizes: bucket 0, reported when read
-  cache: dict[tuple[int, int], int] = {}
-  for i, (h, w) in enumerate(sizes.tolist()):
-    if h > 0 and w > 0:
-      key = (h, w)
-      if key not in cache:
-        size = transforms.short_side_size(key, settings.full_short_side)
-        cache[key] = transforms.choose_bucket(size, settings.buckets)
-      out[i] = cache[key]
-  return out
-
-
 def _full_short_side(settings: DataSettings, image_size: int) -> int:
   """Full-image training at the epoch's size: short side scaled by image_size / crop_size."""
   return max(1, round(settings.full_short_side * image_size / settings.crop_size))
@@ -364,6 +378,11 @@ def multiscale_view_shapes(data_cfg, view, padded_shape: tuple[int, int]
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def _shared(s: DataSettings) -> bool:
+  """uint8 batches made in grain workers are written straight into shared memory."""
+  return s.num_workers > 0 and s.batch_dtype == "uint8"
 
 
 def _check_batch(batch_size: int, process_index: int, process_count: int):
@@ -397,7 +416,8 @@ def train_iterator(data_cfg, *, batch_size: int, image_size: int, epoch: int, se
   split = s.train_split
   n = len(sources.open_source(s, split, process_count=process_count))
   common = dict(settings=s, split=split, seed=int(seed), epoch=int(epoch),
-                slot_offset=process_index * batch_size, process_count=process_count)
+                slot_offset=process_index * batch_size, process_count=process_count,
+                shared_memory=_shared(s))
   if mode == "crop":
     full = plan_lib.train_plan(n, global_batch, seed=seed, epoch=epoch)
     maker = BatchMaker(kind="train_crop", out_size=int(image_size), **common)
@@ -434,7 +454,8 @@ def eval_iterator(data_cfg, view, *, batch_size: int, process_index: int = 0,
   full = plan_lib.eval_plan(n, global_batch, buckets=buckets)
   maker = BatchMaker(settings=s, split=split, kind="eval", seed=0, epoch=0,
                      slot_offset=process_index * batch_size, view=v,
-                     view_buckets=view_buckets, process_count=process_count)
+                     view_buckets=view_buckets, process_count=process_count,
+                     shared_memory=_shared(s))
   identity = dict(kind="eval", view=v.name, split=split, global_batch=global_batch)
   return BatchIterator(maker, full.local(process_index, process_count), identity=identity)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ SMALL_IMAGE = ("resize", "reject")
 DECODERS = ("pillow", "tfds")
 VIEW_KINDS = ("center", "full", "ten_view", "multiscale")
 MODES = ("crop", "full_image")
+BATCH_DTYPES = ("float32", "uint8")  # uint8: the steps normalise on the device (on_device.py)
 
 
 def _get(cfg, key, default=None):
@@ -40,6 +42,22 @@ def _choice(name: str, value, choices) -> str:
   if value not in choices:
     raise ValueError(f"{name} must be one of {choices}, got {name}={value!r}")
   return value
+
+
+def available_cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
+def _workers(value) -> int:
+  """data.num_workers: an int >= 0, or "auto" = one worker per available core but one (the
+  training process keeps a core for its loop and the transfers to the device), at least 1."""
+  if value == "auto":
+    return max(1, available_cores() - 1)
+  return _int("data.num_workers", value, minimum=0)
 
 
 def _triple(name: str, value) -> tuple[float, float, float]:
@@ -86,6 +104,7 @@ class DataSettings:
   decoder: str
   prefetch: int  # batches buffered ahead (per worker, or in the main process; 0: read in the caller's thread)
   mode: str  # training inputs: "crop" or "full_image" (the trainer copies config.train.mode)
+  batch_dtype: str = "float32"  # "uint8": pixels only; on_device.py finishes them in the steps
 
   @property
   def mean_array(self) -> np.ndarray:
@@ -113,7 +132,7 @@ def data_settings(data_cfg) -> DataSettings:
       source_dir=_get(data_cfg, "source_dir"),
       train_split=str(_get(data_cfg, "train_split", "train")),
       eval_split=str(_get(data_cfg, "eval_split", "test")),
-      num_workers=_int("data.num_workers", _get(data_cfg, "num_workers", 0), minimum=0),
+      num_workers=_workers(_get(data_cfg, "num_workers", 0)),
       shuffle_seed=_get(data_cfg, "shuffle_seed"),
       resize_short=None if resize_short is None else _int("data.resize_short", resize_short),
       crop_size=crop_size,
@@ -131,6 +150,8 @@ def data_settings(data_cfg) -> DataSettings:
       decoder=_choice("data.decoder", _get(data_cfg, "decoder", "pillow"), DECODERS),
       prefetch=_int("data.prefetch", _get(data_cfg, "prefetch", 2), minimum=0),
       mode=_choice("data.mode", _get(data_cfg, "mode", "crop"), MODES),
+      batch_dtype=_choice("data.batch_dtype", _get(data_cfg, "batch_dtype", "float32"),
+                          BATCH_DTYPES),
   )
   if not 0 <= s.color_jitter <= 1:
     raise ValueError(f"data.color_jitter must be in [0, 1], got {s.color_jitter}")

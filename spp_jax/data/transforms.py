@@ -105,6 +105,13 @@ def resized_crop(image, box: tuple[float, float, float, float], size: tuple[int,
   resampled to size = (h, w) in one bilinear pass (what resizing the whole image and then
   cropping gives, without resizing the rest)."""
   top, left, bh, bw = box
+  if (bh, bw) == tuple(size) and float(top).is_integer() and float(left).is_integer():
+    # Scale 1 on the pixel grid (e.g. storage pre-resized to the training short side):
+    # bilinear weights are 0 and 1, so the resample is exactly a crop.
+    t, l, h, w = int(top), int(left), int(bh), int(bw)
+    if isinstance(image, Image.Image):
+      return np.asarray(image.crop((l, t, l + w, t + h)))
+    return image[t:t + h, l:l + w]
   pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
   out = pil.resize((int(size[1]), int(size[0])), Image.BILINEAR,
                    box=(left, top, left + bw, top + bh))
