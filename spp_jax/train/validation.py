@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from spp_jax.ops.spp import normalize_levels
 from spp_jax.train.config_schema import ConfigError, check_keys
 from spp_jax.train.interfaces import ModelRegistry, ModelSpec
 from spp_jax.train.model import model_spec
@@ -42,11 +41,6 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int, pro
   names = tuple(models.names())
   if config.model.name not in names:
     _fail("model.name", config.model.name, f"unknown model; known: {', '.join(names)}")
-  if config.model.spp_levels is not None:
-    try:
-      normalize_levels(config.model.spp_levels)
-    except ValueError as e:
-      _fail("model.spp_levels", config.model.spp_levels, str(e))
   for key in ("train.batch_size", "eval.batch_size"):
     group, name = key.split(".")
     batch = config[group][name]
