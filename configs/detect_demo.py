@@ -25,6 +25,8 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from spp_jax.detection import defaults
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -39,29 +41,19 @@ def _classification_config(epochs: int):
 
 
 def get_config(arg=None):
-  variants = {v.strip() for v in (arg or "").split(",") if v.strip()}
-  unknown = variants - {"5scales", "nocompare", "sliding", "tiny"}
-  if unknown:
-    raise ValueError(f"unknown detect_demo variant(s) {sorted(unknown)}")
-  c = ml_collections.ConfigDict()
-  c.task = "detection"   # spp_jax.main runs spp_jax.detection.run for this task
-  c.seed = 0
+  variants = defaults.parse_variants(arg, ("5scales", "nocompare", "sliding", "tiny"),
+                                     "detect_demo")
+  c = defaults.default_config()   # the paper's detection settings, resized below
   c.compare_rcnn = "nocompare" not in variants
 
   backbone_cls = _classification_config(epochs=5)
-  c.model = ml_collections.ConfigDict(dict(
-      name=backbone_cls.model.name, spp_levels=tuple(backbone_cls.model.spp_levels),
-      width_multiplier=backbone_cls.model.width_multiplier,
-      fc_width=backbone_cls.model.fc_width, dropout_rate=backbone_cls.model.dropout_rate,
-      base_size=None))
+  # The backbone's own network keys (None: the architecture's default, as in training).
+  for key in ("name", "spp_levels", "width_multiplier", "fc_width", "dropout_rate"):
+    c.model[key] = backbone_cls.model.get(key)
 
-  c.data = ml_collections.ConfigDict()
   c.data.name = "fashion_mnist_detection"
-  c.data.data_dir = placeholder(str)    # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.data.source_dir = placeholder(str)  # None: /usr/share/datasets/fashion-mnist
   c.data.seed = 0
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
   c.data.num_train = 300
   c.data.num_test = 150
   c.data.mean = tuple(backbone_cls.data.mean)
@@ -70,24 +62,16 @@ def get_config(arg=None):
       min_side=160, max_side=224, max_aspect=1.5, items=(2, 4), item_side=(28, 96),
       max_overlap=0.15, fragments=(1, 4), noise_std=6.0, classes=None))
 
-  c.proposals = ml_collections.ConfigDict(dict(
-      method="sliding" if "sliding" in variants else "selective_search", mode="fast",
-      max_per_image=2000, min_size=8, num_workers=2))
-
-  c.features = ml_collections.ConfigDict(dict(
-      scales=(128, 160, 192, 240, 288) if "5scales" in variants else (192,),
-      max_aspect=1.5, window_block=128))
-
-  c.finetune = ml_collections.ConfigDict(dict(
-      steps=1500, batch_size=128, positive_fraction=0.25, fg_iou=0.5, bg_low=0.1,
-      positives_per_image=placeholder(int), negatives_per_image=48, learning_rate=0.01,
-      momentum=0.9, weight_decay=5e-4, log_every=500))
-  c.bbox_regression = ml_collections.ConfigDict(dict(enabled=True, min_iou=0.5, lam=1000.0))
-  c.detection = ml_collections.ConfigDict(dict(
-      nms_iou=0.3, score_threshold=0.01, max_per_class=100, max_per_image=100))
-
-  c.backbone = ml_collections.ConfigDict()
-  c.backbone.workdir = placeholder(str)
+  if "sliding" in variants:
+    c.proposals.method = "sliding"
+  c.proposals.min_size = 8
+  c.proposals.num_workers = 2
+  c.features.scales = (128, 160, 192, 240, 288) if "5scales" in variants else (192,)
+  c.features.max_aspect = 1.5
+  c.features.window_block = 128
+  c.finetune.update(dict(steps=1500, positives_per_image=None, negatives_per_image=48,
+                         learning_rate=0.01, log_every=500))
+  c.detection.score_threshold = 0.01
   c.backbone.workdir = "workdirs/detect_demo_backbone"
   c.backbone.classification = backbone_cls
 

@@ -1,4 +1,5 @@
-"""Box projection (SPEC §6 step 3), scale choice, IoU and box regression on hand-worked cases."""
+"""Box projection (docs/paper.md §6 step 3), scale choice, IoU and box regression on hand-worked
+cases."""
 
 from __future__ import annotations
 

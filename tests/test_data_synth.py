@@ -93,9 +93,26 @@ def test_interp_matrix_matches_plain_bilinear():
 
 def test_resize_identity_and_constant(rng):
   x = rng.uniform(0, 1, size=(9, 13)).astype(np.float32)
-  np.testing.assert_allclose(synth._resize(x, 9, 13), x, atol=1e-6)
+  np.testing.assert_allclose(synth.resize(x, 9, 13), x, atol=1e-6)
   c = np.full((5, 6, 3), 0.25, np.float32)
-  np.testing.assert_allclose(synth._resize(c, 17, 3), 0.25, atol=1e-6)
+  np.testing.assert_allclose(synth.resize(c, 17, 3), 0.25, atol=1e-6)
+
+
+def test_visible_box_is_tight_in_x0_y0_x1_y1():
+  item = np.zeros((28, 28), np.uint8)
+  item[10:18, 4:20] = 255            # rows 10..17, columns 4..19
+  alpha = synth.item_alpha(item, 28)  # 28 -> 28: no resampling, opacity 0 or 1
+  np.testing.assert_array_equal(synth.visible_box(alpha, 5, 7), [7 + 4, 5 + 10, 7 + 20, 5 + 18])
+  item[:] = 24 * 4 // 5               # under the visibility threshold once boosted by 1.25
+  assert synth.visible_box(synth.item_alpha(item, 28), 5, 7) is None
+
+
+def test_tfds_bbox_order_and_inverse():
+  # Box x 10..30, y 4..12 on a 20 x 40 (h x w) image -> (ymin, xmin, ymax, xmax) normalised.
+  assert synth.tfds_bbox(np.array([10, 4, 30, 12], np.int32), (20, 40)) == (0.2, 0.25, 0.6, 0.75)
+  boxes = np.array([[10, 4, 30, 12], [0, 0, 40, 20]], np.float32)
+  bbox = np.array([synth.tfds_bbox(b, (20, 40)) for b in boxes])
+  np.testing.assert_allclose(synth.from_tfds_bbox(bbox, (20, 40)), boxes, rtol=1e-6)
 
 
 def test_example_is_deterministic_and_seed_dependent(rng):
@@ -121,7 +138,7 @@ def test_examples_vary_in_size_and_scale_within_bounds(rng):
     h, w = img.shape[:2]
     assert img.dtype == np.uint8 and img.shape[2] == 3
     assert opts.min_side <= h <= opts.max_side and opts.min_side <= w <= opts.max_side
-    y0, x0, y1, x1 = box
+    x0, y0, x1, y1 = box
     assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
     shapes.append((h, w))
     fractions.append(max(y1 - y0, x1 - x0) / min(h, w))
@@ -141,7 +158,7 @@ def test_item_is_inside_its_box(rng):
   blank[5] = 0
   ref = synth.make_example(blank, labels, 5, seed=3, split="train")
   diff = np.abs(ex["image"].astype(int) - ref["image"].astype(int)).max(axis=2) > 2
-  y0, x0, y1, x1 = ex["box"]
+  x0, y0, x1, y1 = ex["box"]
   outside = diff.copy()
   outside[y0:y1, x0:x1] = False
   assert diff[y0:y1, x0:x1].any()
@@ -178,6 +195,7 @@ def test_clutter_comes_from_fragments_of_other_items():
     b, box_b = synth.compose(images[0], images[:0], synth.example_rng(seed, "test", 0))
     np.testing.assert_array_equal(box, box_b)
     diff = np.abs(a.astype(int) - b.astype(int)).max(axis=2) > 2
-    diff[box[0]:box[2], box[1]:box[3]] = False
+    x0, y0, x1, y1 = box
+    diff[y0:y1, x0:x1] = False
     cluttered += bool(diff.any())
   assert cluttered >= 8

@@ -70,6 +70,37 @@ def test_item_box_is_tight():
   assert (x1 - x0, y1 - y0) == (16, 8) and scene["labels"].tolist() == [3]
 
 
+def test_scene_boxes_are_the_tight_boxes_of_the_visible_item_pixels():
+  """Items of 28 pixels are pasted unresized, so an item pixel is either fully the item's colour
+  or untouched background. The item pixels are where the scene differs from the same scene
+  drawn with blank items (the background is drawn before the items, from the same generator).
+  Every box, (x0, y0, x1, y1) ends exclusive, must be exactly those pixels: items here are
+  non-square rectangles, so swapping x and y fails."""
+  rng = np.random.default_rng(5)
+  items = np.zeros((40, 28, 28), np.uint8)
+  for k in range(40):
+    top, left = rng.integers(0, 10, 2)
+    items[k, top:top + rng.integers(6, 18), left:left + rng.integers(6, 18)] = 255
+  labels = np.arange(40) % 10
+  opts = S.SceneOptions(min_side=96, max_side=128, items=(4, 4), item_side=(28, 28),
+                        max_overlap=0.0, fragments=(0, 0), noise_std=0.0)
+  checked = 0
+  for seed in range(10):
+    pick = np.random.default_rng(seed).choice(40, 4, replace=False)
+    scene = S.compose_scene(items[pick], labels[pick], items[:0], np.random.default_rng(seed), opts)
+    blank = S.compose_scene(np.zeros_like(items[pick]), labels[pick], items[:0],
+                            np.random.default_rng(seed), opts)
+    assert len(blank["boxes"]) == 0
+    drawn = np.abs(scene["image"].astype(int) - blank["image"].astype(int)).max(-1) > 0
+    covered = np.zeros_like(drawn)
+    for x0, y0, x1, y1 in scene["boxes"].astype(int):
+      assert drawn[y0:y1, x0:x1].all()        # a rectangle item fills its box
+      covered[y0:y1, x0:x1] = True
+      checked += 1
+    np.testing.assert_array_equal(drawn, covered)   # and nothing is drawn outside the boxes
+  assert checked >= 20
+
+
 def test_scene_options_from_config():
   cfg = ml_collections.ConfigDict(dict(scenes=dict(items=[1, 2], min_side=50)))
   assert S.scene_options(cfg).items == (1, 2)

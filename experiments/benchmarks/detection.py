@@ -8,11 +8,12 @@ the same image (`--height` x `--width-px`, the short side already at the scale s
 windows (`--windows` random boxes, `--seed`; 20 px .. the whole image, like selective search).
 
 SPP-net path, per image: conv layers once on the whole image, every window projected onto the
-conv5 map (SPEC §6 step 3) and pooled with SPP {6,3,2,1} (`roi_spatial_pyramid_pool`), one
-compiled function; timed end to end.
+conv5 map (docs/paper.md §6 step 3) and pooled with SPP {6,3,2,1} (`roi_spatial_pyramid_pool`),
+one compiled function; timed end to end.
 R-CNN path, per window: crop the window from the image and warp it to the network's base size
-(bilinear, `jax.image.scale_and_translate`), run the conv layers, pool the 13x13 conv5 map with
-the same SPP (the same feature length); jit-compiled in batches of `--batch`. Running all
+(`spp_jax.detection.features.warp`, bilinear, without antialiasing), run the conv layers, pool
+the 13x13 conv5 map with the same SPP (the same feature length); jit-compiled in batches of
+`--batch`. Running all
 2,000 windows would take minutes on 2 CPU cores, so `--rcnn-windows` of them are timed (whole
 batches) and the per-window cost is multiplied by `--windows`: the conv work per window is
 the same for every window (every warp has the base size), so this extrapolation is linear.
@@ -34,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from spp_jax import models
+from spp_jax.detection.features import warp
 from spp_jax.ops.boxes import project_boxes
 from spp_jax.ops.roi_pool import roi_spatial_pyramid_pool
 
@@ -47,26 +49,13 @@ def random_boxes(rng: np.random.Generator, count: int, h: int, w: int, min_side:
   return np.stack([x0, y0, x0 + bw, y0 + bh], 1).astype(np.float32)
 
 
-def warp_windows(image: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
-  """R-CNN's warp: each box of image (H, W, 3) resized (anisotropically) to size x size."""
-
-  def one(box):
-    x0, y0, x1, y1 = box[0], box[1], box[2], box[3]
-    scale = jnp.stack([size / (y1 - y0), size / (x1 - x0)])
-    translation = -jnp.stack([y0, x0]) * scale
-    return jax.image.scale_and_translate(image, (size, size, 3), (0, 1), scale, translation,
-                                         method="linear", antialias=False)
-
-  return jax.vmap(one)(boxes)
-
-
 def _timed(fn, *args) -> float:
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
   return time.perf_counter() - start
 
 
-def main(argv=None):
+def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="zf5")
@@ -79,28 +68,20 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=16, help="R-CNN warp+conv batch size")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
+  return parser.parse_args(argv)
 
-  rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)
-  model = models.create(args.model, num_classes=21, rngs=rngs, width_multiplier=args.width,
-                        dropout_rate=0.0)
-  model.eval()
-  levels = model.spp.levels
-  base, stride = model.base_size, model.feature_stride
-  h, w = args.height, args.width_px
-  rng = np.random.default_rng(args.seed)
-  image = jnp.asarray(rng.uniform(-1, 1, (h, w, 3)).astype(np.float32))
-  boxes = random_boxes(rng, args.windows, h, w)
-  fh, fw = model.feature_size((h, w))
 
+def _paths(model, feature_size):
+  """The jitted functions: SPP-net (conv once, pool all windows), conv alone, one R-CNN batch
+  (warp, conv, SPP) and the fc layers. Each takes the model state first."""
   graphdef, state = nnx.split(model)
+  levels, stride, base = model.spp.levels, model.feature_stride, model.base_size
 
   @jax.jit
   def spp_path(state, image, boxes):
     m = nnx.merge(graphdef, state)
     fmap, _ = m.features(image[None])
-    windows = project_boxes(boxes, stride, (fh, fw))
-    return roi_spatial_pyramid_pool(fmap, windows, levels)
+    return roi_spatial_pyramid_pool(fmap, project_boxes(boxes, stride, feature_size), levels)
 
   @jax.jit
   def conv_only(state, image):
@@ -109,13 +90,54 @@ def main(argv=None):
   @jax.jit
   def rcnn_batch(state, image, boxes):
     m = nnx.merge(graphdef, state)
-    crops = warp_windows(image, boxes, base)
-    fmap, _ = m.features(crops)
-    return m.pool(fmap)
+    # No antialiasing: the cheaper warp, so the R-CNN time is not inflated by it.
+    return m.pool(m.features(warp(image, boxes, base, antialias=False))[0])
 
   @jax.jit
   def fc_path(state, pooled):
     return nnx.merge(graphdef, state).embed(pooled)
+
+  return state, spp_path, conv_only, rcnn_batch, fc_path
+
+
+def _report(args, model, pooled, times, n_rcnn, compile_s, image_hw, feature_size):
+  spp_t, rcnn_t, fc_t, conv_t = times
+  spp_s = statistics.median(spp_t)
+  per_window = statistics.median(rcnn_t) / n_rcnn
+  rcnn_s = per_window * args.windows
+  fc_s = statistics.median(fc_t)
+  levels, base = model.spp.levels, model.base_size
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+  print(f"model: {args.model} width_multiplier={args.width} (conv5 channels "
+        f"{model.arch.out_channels}), SPP levels "
+        f"{[lv[0] if lv[0] == lv[1] else lv for lv in levels]}, feature length {pooled.shape[1]}")
+  print(f"image: {image_hw[0]}x{image_hw[1]} px -> conv5 map {feature_size[0]}x{feature_size[1]} "
+        f"(stride {model.feature_stride}); windows: {args.windows} random boxes; R-CNN warp "
+        f"size {base}x{base}")
+  print(f"compile: SPP path {compile_s[0]:.1f} s, R-CNN batch {compile_s[1]:.1f} s")
+  print(f"SPP-net path (conv once + pool {args.windows} windows): {spp_s:.3f} s per image "
+        f"(runs: {', '.join(f'{t:.3f}' for t in spp_t)}); conv alone "
+        f"{statistics.median(conv_t):.3f} s")
+  print(f"R-CNN path: {per_window * 1e3:.1f} ms per window measured on {n_rcnn} windows in "
+        f"batches of {args.batch}; x {args.windows} windows = {rcnn_s:.1f} s per image "
+        f"(extrapolated)")
+  print(f"speed-up, conv + pooling: {rcnn_s / spp_s:.1f}x")
+  print(f"fc6+fc7 for {args.windows} windows (same in both paths): {fc_s:.3f} s; speed-up with "
+        f"fc: {(rcnn_s + fc_s) / (spp_s + fc_s):.1f}x")
+
+
+def main(argv=None):
+  args = _parse(argv)
+  rngs = nnx.Rngs(params=args.seed, dropout=args.seed + 1)
+  model = models.create(args.model, num_classes=21, rngs=rngs, width_multiplier=args.width,
+                        dropout_rate=0.0)
+  model.eval()
+  h, w = args.height, args.width_px
+  rng = np.random.default_rng(args.seed)
+  image = jnp.asarray(rng.uniform(-1, 1, (h, w, 3)).astype(np.float32))
+  boxes = random_boxes(rng, args.windows, h, w)
+  feature_size = model.feature_size((h, w))
+  state, spp_path, conv_only, rcnn_batch, fc_path = _paths(model, feature_size)
 
   batch = args.batch
   n_rcnn = max(batch, (args.rcnn_windows // batch) * batch)
@@ -129,43 +151,22 @@ def main(argv=None):
   # Same feature vectors? Not expected (warping changes the input); only shapes must agree.
   t0 = time.perf_counter()
   pooled = jax.block_until_ready(spp_path(state, image, boxes_j))
-  t_compile_spp = time.perf_counter() - t0
+  compile_spp = time.perf_counter() - t0
   t0 = time.perf_counter()
   rcnn_pooled = jax.block_until_ready(rcnn_batch(state, image, rcnn_boxes[0]))
-  t_compile_rcnn = time.perf_counter() - t0
+  compile_rcnn = time.perf_counter() - t0
   assert pooled.shape[1] == rcnn_pooled.shape[1], (pooled.shape, rcnn_pooled.shape)
   jax.block_until_ready(fc_path(state, pooled))
   jax.block_until_ready(conv_only(state, image))
 
   spp_t, rcnn_t, fc_t, conv_t = [], [], [], []
-  for _ in range(args.repeats):
+  for _ in range(args.repeats):   # the paths alternate (docs/performance.md §4)
     spp_t.append(_timed(spp_path, state, image, boxes_j))
     conv_t.append(_timed(conv_only, state, image))
     rcnn_t.append(_timed(rcnn_subset, state, image))
     fc_t.append(_timed(fc_path, state, pooled))
-  spp_s = statistics.median(spp_t)
-  per_window = statistics.median(rcnn_t) / n_rcnn
-  rcnn_s = per_window * args.windows
-  fc_s = statistics.median(fc_t)
-
-  arch = model.arch
-  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
-  print(f"model: {args.model} width_multiplier={args.width} (conv5 channels "
-        f"{arch.out_channels}), SPP levels {[lv[0] if lv[0] == lv[1] else lv for lv in levels]}, "
-        f"feature length {pooled.shape[1]}")
-  print(f"image: {h}x{w} px -> conv5 map {fh}x{fw} (stride {stride}); windows: {args.windows} "
-        f"random boxes; R-CNN warp size {base}x{base}")
-  print(f"compile: SPP path {t_compile_spp:.1f} s, R-CNN batch {t_compile_rcnn:.1f} s")
-  print(f"SPP-net path (conv once + pool {args.windows} windows): {spp_s:.3f} s per image "
-        f"(runs: {', '.join(f'{t:.3f}' for t in spp_t)}); conv alone "
-        f"{statistics.median(conv_t):.3f} s")
-  print(f"R-CNN path: {per_window * 1e3:.1f} ms per window measured on {n_rcnn} windows in "
-        f"batches of {batch}; x {args.windows} windows = {rcnn_s:.1f} s per image "
-        f"(extrapolated)")
-  print(f"speed-up, conv + pooling: {rcnn_s / spp_s:.1f}x")
-  print(f"fc6+fc7 for {args.windows} windows (same in both paths): {fc_s:.3f} s; speed-up with "
-        f"fc: {(rcnn_s + fc_s) / (spp_s + fc_s):.1f}x")
-
+  _report(args, model, pooled, (spp_t, rcnn_t, fc_t, conv_t), n_rcnn,
+          (compile_spp, compile_rcnn), (h, w), feature_size)
 
 if __name__ == "__main__":
   main()

@@ -1,4 +1,5 @@
-"""SPP-net object detection (SPEC §6): data, proposals, window features, fine-tuning, mAP.
+"""SPP-net object detection (docs/paper.md §6): data, proposals, window features, fine-tuning,
+mAP.
 
   python -m spp_jax.main --config configs/detect_demo.py --workdir workdirs/detect_demo
 """

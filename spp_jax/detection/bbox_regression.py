@@ -1,4 +1,5 @@
-"""Bounding-box regression on pooled conv features (R-CNN's ridge regressors; SPEC §6 step 5).
+"""Bounding-box regression on pooled conv features (R-CNN's ridge regressors; docs/paper.md §6
+step 5).
 
 One linear regressor per class maps a window's pooled conv5 features to the R-CNN offsets
 (tx, ty, tw, th) towards its ground-truth box (spp_jax.ops.boxes.encode_boxes). Trained on

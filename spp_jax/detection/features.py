@@ -1,11 +1,12 @@
 """Window features: SPP-net's path (conv once per image per scale) and R-CNN's (conv per window).
 
-SPP-net (SPEC §6 steps 2-4): the image is resized so its short side is each scale s, run through
-the conv layers once per scale, and every window is pooled with SPP from the conv map of the
-scale at which its area is closest to base_size^2, after projecting it onto that map.
-R-CNN (for comparison): every window is cropped from the image, warped (bilinear, antialiased,
-no context padding) to base_size x base_size and run through the conv layers; the conv map is pooled with the same SPP, so both paths give
-vectors of the same length for the same fc layers.
+SPP-net (docs/paper.md §6 steps 2-4): the image is resized so its short side is each scale s,
+run through the conv layers once per scale, and every window is pooled with SPP from the conv
+map of the scale at which its area is closest to base_size^2, after projecting it onto that
+map. R-CNN (for comparison): every window is cropped from the image, warped (bilinear,
+antialiased, no context padding) to base_size x base_size and run through the conv layers;
+the conv map is pooled with the same SPP, so both paths give vectors of the same length for
+the same fc layers.
 
 Shapes are bucketed so that a data set compiles a handful of functions: a scale's images are
 zero-padded to (s, ceil(s * max_aspect)) or its transpose (the conv stack masks the padding),
@@ -124,7 +125,7 @@ class WindowFeatures:
   def pool_windows(self, maps, valid, factors, boxes: np.ndarray) -> np.ndarray:
     """Pools boxes from the conv maps made by `conv_maps`, each from its own scale."""
     r = len(boxes)
-    # Scale choice on the window's area at each scale (SPEC §6 step 2).
+    # Scale choice on the window's area at each scale (docs/paper.md §6 step 2).
     area_factor = np.sqrt(factors[:, 0] * factors[:, 1])
     scale_idx = select_scales(boxes, area_factor, target=float(self.base))
     out = np.zeros((r, spp_output_dim(self.levels, maps[0].shape[-1])), np.float32)
@@ -163,8 +164,9 @@ class WindowFeatures:
     return np.concatenate(out)
 
 
-def warp(image: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
-  """R-CNN's warp: each (x0, y0, x1, y1) box of image (H, W, 3) resized to size x size."""
+def warp(image: jax.Array, boxes: jax.Array, size: int, antialias: bool = True) -> jax.Array:
+  """R-CNN's warp: each (x0, y0, x1, y1) box of image (H, W, C) resized (anisotropically,
+  bilinear) to size x size: (R, 4) -> (R, size, size, C)."""
 
   def one(box):
     x0, y0 = box[0], box[1]
@@ -173,6 +175,6 @@ def warp(image: jax.Array, boxes: jax.Array, size: int) -> jax.Array:
     scale = jnp.stack([size / bh, size / bw])
     translation = -jnp.stack([y0, x0]) * scale
     return jax.image.scale_and_translate(image, (size, size, image.shape[-1]), (0, 1), scale,
-                                         translation, method="linear", antialias=True)
+                                         translation, method="linear", antialias=antialias)
 
   return jax.vmap(one)(boxes)

@@ -1,4 +1,5 @@
-"""Fine-tuning the fc layers on pooled window features (SPEC §6 step 5), and scoring windows.
+"""Fine-tuning the fc layers on pooled window features (docs/paper.md §6 step 5), and scoring
+windows.
 
 Only fc6, fc7 and a new (classes + 1)-way classifier are trained (class 0 is background); the
 conv layers are frozen, so the pooled conv features of the training windows are computed once

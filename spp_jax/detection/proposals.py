@@ -1,4 +1,5 @@
-"""Region proposals: selective search (OpenCV contrib, SPEC §6 step 1) or sliding windows.
+"""Region proposals: selective search (OpenCV contrib, docs/paper.md §6 step 1) or sliding
+windows.
 
 Selective search needs `opencv-contrib-python-headless` (the `detection` extra). Proposals are
 computed once per image (in `num_workers` processes) and cached as one .npz next to the data.

@@ -1,4 +1,5 @@
-"""The SPP-net detection pipeline end to end (SPEC §6), from a config, into workdir/results.json.
+"""The SPP-net detection pipeline end to end (docs/paper.md §6), from a config, into
+workdir/results.json.
 
   1. data: train/test images with boxes (embedded Fashion-MNIST scenes or TFDS voc/2007);
   2. proposals: selective search (fast), once per image, cached next to the data;
@@ -29,11 +30,16 @@ from spp_jax.detection.head import FC_LAYERS, Scorer, collect_windows, finetune
 
 
 def _model_options(model_cfg) -> dict:
-  opts = dict(spp_levels=tuple(model_cfg.spp_levels), head="spp",
-              width_multiplier=float(model_cfg.width_multiplier),
-              fc_width=int(model_cfg.fc_width), dropout_rate=float(model_cfg.dropout_rate))
-  if model_cfg.get("base_size"):
-    opts["base_size"] = int(model_cfg.base_size)
+  """config.model -> options of models.create; keys left at None take the architecture's own
+  (as in classification training, so a backbone checkpoint matches)."""
+  opts = dict(head="spp")
+  for key in ("spp_levels", "width_multiplier", "fc_width", "dropout_rate", "base_size"):
+    value = model_cfg.get(key)
+    if value is None:
+      continue
+    if key == "spp_levels":
+      value = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in value)
+    opts[key] = value
   return opts
 
 
@@ -120,44 +126,61 @@ def _fresh_classifier(model, model_cfg, num_classes: int, seed: int):
   return m
 
 
+def _test_features(featurize, test, test_props) -> tuple[list, dict]:
+  """Pooled features (float16) of every test image's windows, and their timing."""
+  feats, seconds = [], []
+  for i in range(len(test)):
+    t0 = time.perf_counter()
+    feats.append(featurize(test.images[i], test_props[i]).astype(np.float16))
+    seconds.append(time.perf_counter() - t0)
+  # The median leaves out the images that compiled a new shape.
+  return feats, dict(test_feature_seconds_per_image=float(np.median(seconds)),
+                     test_windows_per_image=float(np.mean([len(p) for p in test_props])))
+
+
+def _evaluate(model, test, test_feats, test_props, det_cfg, regressor=None) -> dict:
+  """VOC mAP of the model's detections on the test windows (optionally box-regressed)."""
+  scorer = Scorer(model)
+  dets = []
+  for i in range(len(test)):
+    f = test_feats[i].astype(np.float32)
+    if not len(f):
+      dets.append(detect(np.zeros((0, test.num_classes + 1)), np.zeros((0, 4)), (1, 1)))
+      continue
+    refined = None if regressor is None else regressor.refine(f, test_props[i])
+    dets.append(detect(scorer(f), test_props[i], test.images[i].shape[:2], refined=refined,
+                       nms_iou=det_cfg.nms_iou, score_threshold=det_cfg.score_threshold,
+                       max_per_class=det_cfg.max_per_class, max_per_image=det_cfg.max_per_image))
+  return voc_map(dets, test)
+
+
+def _fit_regressor(windows, num_classes: int, reg_cfg):
+  fg = windows.labels > 0
+  return fit_box_regressor(windows.features[fg], windows.boxes[fg], windows.gt_boxes[fg],
+                           windows.labels[fg] - 1, windows.iou[fg], num_classes,
+                           min_iou=reg_cfg.min_iou, lam=reg_cfg.lam)
+
+
 def _run_path(name, featurize, base_model, train, train_props, test, test_props, config, log):
   """Fine-tunes and evaluates one feature path; returns its results."""
-  det, ft = config.detection, config.finetune
-  rng = np.random.default_rng(config.seed)
+  ft = config.finetune
   out = {}
   t0 = time.perf_counter()
   windows = collect_windows(train, train_props, featurize, fg_iou=ft.fg_iou, bg_low=ft.bg_low,
-                            negatives_per_image=ft.negatives_per_image, rng=rng,
+                            negatives_per_image=ft.negatives_per_image,
+                            rng=np.random.default_rng(config.seed),
                             positives_per_image=ft.get("positives_per_image"))
   out["train_feature_seconds"] = time.perf_counter() - t0
   out["train_windows"] = dict(positive=int((windows.labels > 0).sum()),
                               negative=int((windows.labels == 0).sum()))
   log(f"[{name}] training windows: {out['train_windows']} ({out['train_feature_seconds']:.1f} s)")
-
-  test_feats, seconds = [], []
-  for i in range(len(test)):
-    t0 = time.perf_counter()
-    test_feats.append(featurize(test.images[i], test_props[i]).astype(np.float16))
-    seconds.append(time.perf_counter() - t0)
-  # The median leaves out the images that compiled a new shape.
-  out["test_feature_seconds_per_image"] = float(np.median(seconds))
-  out["test_windows_per_image"] = float(np.mean([len(p) for p in test_props]))
+  test_feats, timing = _test_features(featurize, test, test_props)
+  out.update(timing)
   log(f"[{name}] test features: {out['test_feature_seconds_per_image'] * 1e3:.1f} ms per image "
       f"(median; {out['test_windows_per_image']:.0f} windows per image)")
 
   def evaluate(model, regressor=None):
-    scorer = Scorer(model)
-    dets = []
-    for i in range(len(test)):
-      f = test_feats[i].astype(np.float32)
-      if not len(f):
-        dets.append(detect(np.zeros((0, test.num_classes + 1)), np.zeros((0, 4)), (1, 1)))
-        continue
-      refined = None if regressor is None else regressor.refine(f, test_props[i])
-      dets.append(detect(scorer(f), test_props[i], test.images[i].shape[:2], refined=refined,
-                         nms_iou=det.nms_iou, score_threshold=det.score_threshold,
-                         max_per_class=det.max_per_class, max_per_image=det.max_per_image))
-    return voc_map(dets, test)
+    return _evaluate(model, test, test_feats, test_props, config.detection, regressor)
 
   untrained = _fresh_classifier(base_model, config.model, test.num_classes + 1, config.seed + 7)
   untrained.eval()
@@ -172,21 +195,14 @@ def _run_path(name, featurize, base_model, train, train_props, test, test_props,
                     log_every=ft.log_every, log=lambda m: log(f"[{name}]{m}"))
   out["finetune_seconds"] = time.perf_counter() - t0
   out["finetune_loss"] = dict(first=losses[0], last=float(np.mean(losses[-20:])))
-  out["no_bbox_regression"] = evaluate(model)
-  log(f"[{name}] fine-tuned: mAP {out['no_bbox_regression']['map_11point']:.4f} (11-point), "
-      f"{out['no_bbox_regression']['map_area']:.4f} (area)")
+  final = out["no_bbox_regression"] = evaluate(model)
+  log(f"[{name}] fine-tuned: mAP {final['map_11point']:.4f} (11-point), "
+      f"{final['map_area']:.4f} (area)")
   if config.bbox_regression.enabled:
-    fg = windows.labels > 0
-    reg = fit_box_regressor(windows.features[fg], windows.boxes[fg], windows.gt_boxes[fg],
-                            windows.labels[fg] - 1, windows.iou[fg], test.num_classes,
-                            min_iou=config.bbox_regression.min_iou,
-                            lam=config.bbox_regression.lam)
-    out["bbox_regression"] = evaluate(model, reg)
-    log(f"[{name}] + box regression: mAP {out['bbox_regression']['map_11point']:.4f} "
-        f"(11-point), {out['bbox_regression']['map_area']:.4f} (area)")
-    final = out["bbox_regression"]
-  else:
-    final = out["no_bbox_regression"]
+    reg = _fit_regressor(windows, test.num_classes, config.bbox_regression)
+    final = out["bbox_regression"] = evaluate(model, reg)
+    log(f"[{name}] + box regression: mAP {final['map_11point']:.4f} (11-point), "
+        f"{final['map_area']:.4f} (area)")
   out["map_11point"] = final["map_11point"]
   out["map_area"] = final["map_area"]
   return out

@@ -4,13 +4,14 @@ Every split is held as `Scenes`: images (uint8, any size) with their boxes in th
 pixel convention (x0, y0, x1, y1) continuous, ends exclusive (spp_jax.ops.boxes), class labels
 0..K-1 and VOC "difficult" flags.
 
-The embedded set ("fashion_mnist_detection") is built offline from the Fashion-MNIST idx files,
-like the classification set: each image is a cluttered canvas (smooth colour field, blocky
-noise, faint fragments of other items) with several items pasted at different scales and
-positions, each tinted to contrast with the background; an item's box is the tight box of its
-visible pixels. Deterministic for (seed, split, index); items of the "train" split come from
-Fashion-MNIST's training items, those of "test" from its test items. A split is built once and
-cached as one .npz under data_dir.
+The embedded set ("fashion_mnist_detection") is built offline from the Fashion-MNIST idx files
+with the drawing pieces of the classification set (spp_jax.data.synth): each image is a
+cluttered canvas (smooth colour field, blocky noise, faint fragments of other items) with
+several items pasted at different scales and positions, each tinted to contrast with the
+background; an item's box is the tight box of its visible pixels (`synth.visible_box`).
+Deterministic for (seed, split, index); items of the "train" split come from Fashion-MNIST's
+training items, those of "test" from its test items. A split is built once and cached as one
+.npz under data_dir.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import json
 import os
 
 import numpy as np
-from PIL import Image
 
+from spp_jax.data import synth
 from spp_jax.data.idx import has_fashion_mnist, load_split
+from spp_jax.ops.boxes import box_iou
 
 EMBEDDED = "fashion_mnist_detection"
+# Part of the cache key: bump it when the drawing changes, so old cached splits are not reused.
+# 2: drawn with spp_jax.data.synth's pieces (its resize instead of Pillow's).
+DRAWING_VERSION = 2
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                "bag", "ankle-boot")
-_SPLIT_CODES = {"train": 0, "test": 1}
-_VISIBLE = 24  # grey level above which an item pixel counts for its box
 
 
 @dataclasses.dataclass
@@ -108,32 +111,37 @@ class SceneOptions:
       raise ValueError(f"classes must be distinct Fashion-MNIST classes 0..9, got {self.classes}")
 
 
-def _resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
-  """Bilinear resize of a float32 (h0, w0) array (Pillow, mode F)."""
-  return np.asarray(Image.fromarray(x.astype(np.float32), mode="F").resize(
-      (w, h), Image.BILINEAR), np.float32)
+def _draw_fragment(canvas: np.ndarray, item: np.ndarray, rng: np.random.Generator, h: int,
+                   w: int) -> None:
+  """A faint piece of another item: an 8..20 pixel crop scaled to 10..40 % of the short side,
+  20..50 % opaque, any colour, centred anywhere on the canvas."""
+  ch, cw = rng.integers(8, 21, 2)
+  cy, cx = rng.integers(0, 28 - ch + 1), rng.integers(0, 28 - cw + 1)
+  scale = min(h, w) * rng.uniform(0.1, 0.4) / max(ch, cw)
+  fh, fw = max(int(ch * scale), 2), max(int(cw * scale), 2)
+  opacity = rng.uniform(0.2, 0.5)
+  color = rng.uniform(0, 255, 3)
+  at = int(rng.integers(-fh // 2, h - fh // 2)), int(rng.integers(-fw // 2, w - fw // 2))
+  synth.paste_fragment(canvas, item, (cy, cx, ch, cw), (fh, fw), opacity, color, at)
 
 
-def _blend(canvas, alpha, color, y, x):
-  """canvas[y:y+h, x:x+w] blended towards color by alpha (clipped to the canvas), in place."""
-  H, W = canvas.shape[:2]
-  h, w = alpha.shape
-  y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
-  if y0 < y1 and x0 < x1:
-    a = alpha[y0 - y:y1 - y, x0 - x:x1 - x, None]
-    canvas[y0:y1, x0:x1] += a * (color - canvas[y0:y1, x0:x1])
-
-
-def _square_iou(a, b) -> float:
-  iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-  ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = iw * ih
-  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+def _place(rng: np.random.Generator, side: int, h: int, w: int, squares: list,
+           max_overlap: float):
+  """Top-left (y, x) of a side x side square whose IoU with every square placed before is at
+  most max_overlap (the square joins `squares`); None after 20 tries."""
+  for _ in range(20):
+    y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    square = np.array([[x, y, x + side, y + side]], np.float32)
+    # box_iou is float32: so is the threshold, or an exact tie (IoU 3/20 at 0.15) would fail.
+    if not squares or box_iou(square, np.concatenate(squares)).max() <= np.float32(max_overlap):
+      squares.append(square)
+      return y, x
+  return None
 
 
 def compose_scene(items: np.ndarray, labels: np.ndarray, fragment_items: np.ndarray,
                   rng: np.random.Generator, opts: SceneOptions = SceneOptions()) -> dict:
-  """Draws one scene.
+  """Draws one scene with the drawing pieces of spp_jax.data.synth.
 
   Args:
     items: (K, 28, 28) uint8 candidates, tried in order (placements that overlap earlier items
@@ -144,65 +152,48 @@ def compose_scene(items: np.ndarray, labels: np.ndarray, fragment_items: np.ndar
     opts: drawing options.
 
   Returns:
-    dict(image (H, W, 3) uint8, boxes (G, 4) float32 (x0, y0, x1, y1), labels (G,) int32).
+    dict(image (H, W, 3) uint8, boxes (G, 4) float32 (x0, y0, x1, y1) pixels, ends exclusive:
+    the tight box of each item's visible pixels, labels (G,) int32).
   """
-  size = np.exp(rng.uniform(np.log(opts.min_side), np.log(opts.max_side)))
-  aspect = opts.max_aspect ** rng.uniform(-1, 1)
-  h = int(np.clip(round(size * np.sqrt(aspect)), opts.min_side, opts.max_side))
-  w = int(np.clip(round(size / np.sqrt(aspect)), opts.min_side, opts.max_side))
+  h, w = synth.canvas_size(rng.random(), rng.random(), opts.min_side, opts.max_side,
+                           opts.max_aspect)
   base = rng.uniform(20, 235, 3)
   field = base + rng.standard_normal((3, 3, 3)) * rng.uniform(10, 40)
-  canvas = np.stack([_resize(np.clip(field[..., c], 0, 255), h, w) for c in range(3)], -1)
-  noise = rng.standard_normal(((h + 1) // 2, (w + 1) // 2)).astype(np.float32) * opts.noise_std
-  canvas += np.repeat(np.repeat(noise, 2, 0), 2, 1)[:h, :w, None]
-
+  noise = rng.standard_normal(((h + 1) // 2, (w + 1) // 2)).astype(np.float32)
+  noise *= np.float32(opts.noise_std)
+  canvas = synth.background(np.clip(field, 0, 255).astype(np.float32), noise, h, w)
   for k in range(rng.integers(opts.fragments[0], opts.fragments[1] + 1)):
-    frag = fragment_items[k % len(fragment_items)].astype(np.float32)
-    ch, cw = rng.integers(8, 21, 2)
-    cy, cx = rng.integers(0, 28 - ch + 1), rng.integers(0, 28 - cw + 1)
-    scale = min(h, w) * rng.uniform(0.1, 0.4) / max(ch, cw)
-    fh, fw = max(int(ch * scale), 2), max(int(cw * scale), 2)
-    alpha = _resize(frag[cy:cy + ch, cx:cx + cw] * (rng.uniform(0.2, 0.5) / 255), fh, fw)
-    _blend(canvas, alpha, rng.uniform(0, 255, 3), int(rng.integers(-fh // 2, h - fh // 2)),
-           int(rng.integers(-fw // 2, w - fw // 2)))
+    _draw_fragment(canvas, fragment_items[k % len(fragment_items)], rng, h, w)
 
   boxes, out_labels, squares = [], [], []
+  lo, hi = opts.item_side
   for item, label in zip(items, labels):
-    lo, hi = opts.item_side
     side = int(round(min(np.exp(rng.uniform(np.log(lo), np.log(hi))), min(h, w))))
-    for _ in range(20):
-      y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-      square = (x, y, x + side, y + side)
-      if all(_square_iou(square, s) <= opts.max_overlap for s in squares):
-        break
-    else:
+    alpha = synth.item_alpha(item, side)
+    box = synth.visible_box(alpha, 0, 0)
+    if box is None:   # a blank item: nothing to detect
       continue
-    alpha = np.minimum(_resize(item.astype(np.float32) * (1.25 / 255), side, side), 1.0)
-    visible = alpha > _VISIBLE / 255
-    if not visible.any():
+    at = _place(rng, side, h, w, squares, opts.max_overlap)
+    if at is None:
       continue
-    color = rng.uniform(0, 1, 3)
-    color[rng.integers(0, 3)] = 1.0
-    local = canvas[y:y + side, x:x + side].mean()
-    color = color * 70 if local > 128 else 255 - (1 - color) * 90
-    _blend(canvas, alpha, color, y, x)
-    rows, cols = np.flatnonzero(visible.any(1)), np.flatnonzero(visible.any(0))
-    boxes.append((x + cols[0], y + rows[0], x + cols[-1] + 1, y + rows[-1] + 1))
+    y, x = at
+    bright = canvas[y:y + side, x:x + side].mean() > 128
+    synth.blend(canvas, alpha, synth.item_color(rng.uniform(0, 1, 3), rng.integers(0, 3),
+                                                bright, 70.0, 90.0), y, x)
+    boxes.append(box + np.array([x, y, x, y], np.int32))
     out_labels.append(int(label))
-    squares.append(square)
-  image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
-  return dict(image=image, boxes=np.array(boxes, np.float32).reshape(-1, 4),
+  return dict(image=synth.to_uint8(canvas), boxes=np.array(boxes, np.float32).reshape(-1, 4),
               labels=np.array(out_labels, np.int32))
 
 
 def build_scenes(items: np.ndarray, item_labels: np.ndarray, num_images: int, *, seed: int,
                  split: str, opts: SceneOptions = SceneOptions()) -> Scenes:
   """num_images scenes of a split from that split's items (deterministic per index)."""
-  if split not in _SPLIT_CODES:
-    raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}, got split={split!r}")
+  if split not in synth.SPLIT_CODES:
+    raise ValueError(f"split must be one of {sorted(synth.SPLIT_CODES)}, got split={split!r}")
   images, boxes, labels = [], [], []
   for index in range(num_images):
-    rng = np.random.default_rng((int(seed), _SPLIT_CODES[split], int(index), 0xDE7))
+    rng = np.random.default_rng((int(seed), synth.SPLIT_CODES[split], int(index), 0xDE7))
     k = int(rng.integers(opts.items[0], opts.items[1] + 1))
     pick = rng.integers(0, len(items), k + opts.fragments[1])
     scene = compose_scene(items[pick[:k]], item_labels[pick[:k]], items[pick[k:]], rng, opts)
@@ -227,10 +218,15 @@ def _default_data_dir(data_cfg) -> str:
           or os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
 
 
+def _definition(data_cfg) -> dict:
+  """What defines the embedded set's images (the cache key, also saved as options.json)."""
+  return dict(seed=int(data_cfg.seed), opts=dataclasses.asdict(scene_options(data_cfg)),
+              drawing=DRAWING_VERSION)
+
+
 def split_dir(data_cfg) -> str:
   """Cache directory of the embedded set for this config (a hash of what defines it)."""
-  opts = scene_options(data_cfg)
-  key = json.dumps(dict(seed=int(data_cfg.seed), opts=dataclasses.asdict(opts)), sort_keys=True)
+  key = json.dumps(_definition(data_cfg), sort_keys=True)
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
   return os.path.join(_default_data_dir(data_cfg), EMBEDDED, digest)
 
@@ -261,8 +257,7 @@ def load_embedded(data_cfg, split: str) -> Scenes:
   os.makedirs(directory, exist_ok=True)
   scenes.save(path)
   with open(os.path.join(directory, "options.json"), "w") as f:
-    json.dump(dict(seed=int(data_cfg.seed), opts=dataclasses.asdict(scene_options(data_cfg))),
-              f, indent=1)
+    json.dump(_definition(data_cfg), f, indent=1)
   return scenes
 
 
@@ -272,9 +267,10 @@ def load_embedded(data_cfg, split: str) -> Scenes:
 def scenes_from_tfds(records, class_names) -> Scenes:
   """Scenes from TFDS voc-style records (dicts with "image" and "objects").
 
-  objects: "bbox" (G, 4) normalised (ymin, xmin, ymax, xmax) as TFDS stores VOC boxes, i.e.
-  VOC's 1-based inclusive pixel numbers divided by the image size; here x0 = xmin - 1,
-  y0 = ymin - 1, x1 = xmax, y1 = ymax in pixels. "label" (G,), "is_difficult" (G,) optional.
+  objects: "bbox" (G, 4) in TFDS's BBoxFeature order, normalised (ymin, xmin, ymax, xmax). TFDS
+  voc divides VOC's 1-based inclusive pixel numbers by the image size without shifting them, so
+  here x0 = xmin - 1, y0 = ymin - 1, x1 = xmax, y1 = ymax in pixels. "label" (G,),
+  "is_difficult" (G,) optional.
   """
   images, boxes, labels, difficult = [], [], [], []
   for i, rec in enumerate(records):
@@ -292,7 +288,7 @@ def scenes_from_tfds(records, class_names) -> Scenes:
     if not len(bbox) == len(label) == len(diff):
       raise ValueError(f"record {i}: objects have {len(bbox)} boxes, {len(label)} labels and "
                        f"{len(diff)} difficult flags")
-    px = np.stack([bbox[:, 1] * w - 1, bbox[:, 0] * h - 1, bbox[:, 3] * w, bbox[:, 2] * h], 1)
+    px = synth.from_tfds_bbox(bbox, (h, w)) - np.float32([1, 1, 0, 0])   # VOC's 1-based starts
     boxes.append(np.clip(px, 0, [w, h, w, h]).astype(np.float32))
     labels.append(label)
     difficult.append(diff)

@@ -48,6 +48,22 @@ def voc_ap(recall, precision, metric: str = "area") -> float:
   return float(np.sum((mrec[steps] - mrec[steps - 1]) * mpre[steps]))
 
 
+def _ground_truth_table(ground_truth: Mapping) -> tuple[dict, int]:
+  """image id -> (boxes (G, 4), difficult (G,), matched (G,) all False), and the number of
+  non-difficult boxes."""
+  gt = {}
+  npos = 0
+  for key, (g_boxes, g_difficult) in ground_truth.items():
+    g_boxes = np.asarray(g_boxes, np.float32).reshape(-1, 4)
+    g_difficult = np.asarray(g_difficult, bool).reshape(-1)
+    if len(g_difficult) != len(g_boxes):
+      raise ValueError(f"ground_truth[{key!r}]: {len(g_boxes)} boxes but "
+                       f"{len(g_difficult)} difficult flags")
+    gt[key] = (g_boxes, g_difficult, np.zeros(len(g_boxes), bool))
+    npos += int((~g_difficult).sum())
+  return gt, npos
+
+
 def average_precision(image_ids, scores, boxes, ground_truth: Mapping, *,
                       iou_threshold: float = 0.5, metric: str = "area") -> dict:
   """AP of one class.
@@ -71,16 +87,7 @@ def average_precision(image_ids, scores, boxes, ground_truth: Mapping, *,
   if not len(image_ids) == len(scores) == len(boxes):
     raise ValueError(f"image_ids, scores and boxes must have one entry per detection, got "
                      f"{len(image_ids)}, {len(scores)}, {len(boxes)}")
-  gt = {}
-  npos = 0
-  for key, (g_boxes, g_difficult) in ground_truth.items():
-    g_boxes = np.asarray(g_boxes, np.float32).reshape(-1, 4)
-    g_difficult = np.asarray(g_difficult, bool).reshape(-1)
-    if len(g_difficult) != len(g_boxes):
-      raise ValueError(f"ground_truth[{key!r}]: {len(g_boxes)} boxes but "
-                       f"{len(g_difficult)} difficult flags")
-    gt[key] = (g_boxes, g_difficult, np.zeros(len(g_boxes), bool))
-    npos += int((~g_difficult).sum())
+  gt, npos = _ground_truth_table(ground_truth)
   order = np.argsort(-scores, kind="stable")
   tp = np.zeros(len(order))
   fp = np.zeros(len(order))

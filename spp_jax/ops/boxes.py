@@ -6,7 +6,8 @@ Conventions (one for the whole project):
   x0 = 0, x1 = w, and its width is x1 - x0. PASCAL VOC's 1-based inclusive (xmin..xmax) is
   (xmin - 1, xmax) here (TFDS voc stores xmin / width unchanged: subtract 1 pixel when reading
   it, see spp_jax.detection.scenes), and IoU computed here equals the VOC devkit's "+1" IoU on
-  the original numbers.
+  the original numbers. TFDS's BBoxFeature order, normalised (ymin, xmin, ymax, xmax), is
+  met only at the TFDS boundary: spp_jax.data.synth.tfds_bbox and from_tfds_bbox convert.
 - Feature windows are (y0, x0, y1, x1) half-open, 0-based feature-map cells, the format of
   `roi_spatial_pyramid_pool`.
 
@@ -32,11 +33,19 @@ def _check_boxes(name: str, boxes) -> None:
     raise ValueError(f"{name} must have shape (R, 4) (x0, y0, x1, y1), got shape {shape}")
 
 
+def _float_pair(names: tuple[str, str], a, b):
+  """Checks two (R, 4) arrays; returns the array module and both as float32."""
+  _check_boxes(names[0], a)
+  _check_boxes(names[1], b)
+  xp = _xp(a, b)
+  return xp, xp.asarray(a, xp.float32), xp.asarray(b, xp.float32)
+
+
 # ----------------------------------------------------------------------------- projection
 
 
 def project_boxes(boxes, stride: int, feature_size: Sequence[int]):
-  """Pixel boxes -> feature-map windows (SPEC §6 step 3).
+  """Pixel boxes -> feature-map windows (docs/paper.md §6 step 3).
 
   With S = stride, the paper's rule in 1-based feature coordinates is: left/top edge
   x' = floor(x0 / S) + 1, right/bottom edge x' = ceil(x1 / S) - 1, both inclusive. As 0-based
@@ -73,7 +82,8 @@ def project_boxes(boxes, stride: int, feature_size: Sequence[int]):
 
 
 def select_scales(boxes, factors: Sequence[float], target: float = 224.0):
-  """The scale at which each window's area is closest to target^2 (SPEC §6 step 2).
+  """The scale at which each window's area is closest to target^2 (docs/paper.md §6
+  step 2).
 
   Args:
     boxes: (R, 4) pixel boxes in the original image.
@@ -105,11 +115,7 @@ def box_area(boxes):
 
 def box_iou(a, b):
   """Intersection over union of every pair: (A, 4), (B, 4) -> (A, B); 0 where the union is 0."""
-  _check_boxes("a", a)
-  _check_boxes("b", b)
-  xp = _xp(a, b)
-  a = xp.asarray(a, xp.float32)
-  b = xp.asarray(b, xp.float32)
+  xp, a, b = _float_pair(("a", "b"), a, b)
   lo = xp.maximum(a[:, None, :2], b[None, :, :2])
   hi = xp.minimum(a[:, None, 2:], b[None, :, 2:])
   wh = xp.maximum(hi - lo, 0)
@@ -142,11 +148,7 @@ def encode_boxes(proposals, targets):
   tx = (gx - px) / pw, ty = (gy - py) / ph, tw = log(gw / pw), th = log(gh / ph), with centres
   (x0 + x1) / 2 and sizes x1 - x0. proposals, targets: (R, 4) -> (R, 4) float32.
   """
-  _check_boxes("proposals", proposals)
-  _check_boxes("targets", targets)
-  xp = _xp(proposals, targets)
-  p = xp.asarray(proposals, xp.float32)
-  g = xp.asarray(targets, xp.float32)
+  xp, p, g = _float_pair(("proposals", "targets"), proposals, targets)
   px, py, pw, ph = _centres_and_sizes(p)
   gx, gy, gw, gh = _centres_and_sizes(g)
   if xp is np and ((pw <= 0) | (ph <= 0) | (gw <= 0) | (gh <= 0)).any():
@@ -159,11 +161,7 @@ def decode_boxes(proposals, deltas, max_log_scale: float = float(np.log(1000.0 /
 
   tw, th are clipped at max_log_scale so a wild prediction cannot overflow exp.
   """
-  _check_boxes("proposals", proposals)
-  _check_boxes("deltas", deltas)
-  xp = _xp(proposals, deltas)
-  p = xp.asarray(proposals, xp.float32)
-  d = xp.asarray(deltas, xp.float32)
+  xp, p, d = _float_pair(("proposals", "deltas"), proposals, deltas)
   px, py, pw, ph = _centres_and_sizes(p)
   cx, cy = px + d[:, 0] * pw, py + d[:, 1] * ph
   w = pw * xp.exp(xp.minimum(d[:, 2], max_log_scale))

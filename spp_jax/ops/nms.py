@@ -1,4 +1,4 @@
-"""Greedy non-maximum suppression (SPEC §6 step 5: IoU 0.3 in the paper).
+"""Greedy non-maximum suppression (docs/paper.md §6 step 5: IoU 0.3 in the paper).
 
 Greedy rule, as in R-CNN / SPP-net: visit boxes by decreasing score (equal scores in input
 order), keep a box unless it overlaps an already kept box by IoU > threshold.
