@@ -27,19 +27,17 @@ from spp_jax.detection.bbox_regression import fit_box_regressor
 from spp_jax.detection.evaluate import detect, voc_map
 from spp_jax.detection.features import WindowFeatures
 from spp_jax.detection.head import FC_LAYERS, Scorer, collect_windows, finetune
+from spp_jax.train.model import model_options
 
 
 def _model_options(model_cfg) -> dict:
-  """config.model -> options of models.create; keys left at None take the architecture's own
-  (as in classification training, so a backbone checkpoint matches)."""
-  opts = dict(head="spp")
-  for key in ("spp_levels", "width_multiplier", "fc_width", "dropout_rate", "base_size"):
-    value = model_cfg.get(key)
-    if value is None:
-      continue
-    if key == "spp_levels":
-      value = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in value)
-    opts[key] = value
+  """config.model -> options of models.create, by training's rules (keys left at None take the
+  architecture's own, so a backbone checkpoint matches), with the SPP head. The compute dtype
+  stays float32 unless config.model.dtype is set: the window path is tested in float32."""
+  opts = model_options(model_cfg)
+  opts["head"] = "spp"
+  if model_cfg.get("dtype") is None:
+    opts["dtype"] = "float32"
   return opts
 
 
