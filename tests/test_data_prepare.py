@@ -45,9 +45,9 @@ def test_extraction_works_without_tensorflow(tmp_path, rng):
     assert (out / name).read_bytes() == content
 
 
-def test_imagenette_prepared_and_read_without_tensorflow(tmp_path, rng):
+def _fake_imagenette(tmp_path, rng):
   """The real imagenette builder on a fake extracted archive (two classes, a CMYK-free set of
-  JPEGs of varied sizes), written as array_record and read back by the pipeline."""
+  JPEGs of varied sizes), prepared as array_record. Returns (builder, data_dir, originals)."""
   root = tmp_path / "extracted"
   expected = {}
   for split, n in (("train", 6), ("val", 3)):
@@ -62,6 +62,12 @@ def test_imagenette_prepared_and_read_without_tensorflow(tmp_path, rng):
   with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
                          return_value=str(root)):
     builder = prepare.prepare("imagenette/full-size-v2", str(data_dir))
+  return builder, data_dir, expected
+
+
+def test_imagenette_prepared_and_read_without_tensorflow(tmp_path, rng):
+  """Written as array_record and read back by the pipeline."""
+  builder, data_dir, expected = _fake_imagenette(tmp_path, rng)
   assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 12,
                                                                           "validation": 6}
   files = [p.name for p in builder.data_path.iterdir()]
@@ -83,6 +89,53 @@ def test_imagenette_prepared_and_read_without_tensorflow(tmp_path, rng):
     assert transforms.decode_image(record["image"]).ndim == 3
   batches = list(data.eval_iterator(cfg, dict(kind="full"), batch_size=4))
   assert sum(b["mask"].sum() for b in batches) == 6
+
+
+def test_max_short_side_stores_smaller_images_for_the_chosen_splits(tmp_path, rng, capsys):
+  """`prepare --max_short_side 36 --splits train`: training images larger than 36 on the short
+  side are re-encoded at 36 (aspect kept), smaller ones and the validation split keep their
+  bytes, labels and counts are unchanged, and the pipeline reads the copy."""
+  _, data_dir, _ = _fake_imagenette(tmp_path, rng)
+  with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                         side_effect=AssertionError("already prepared")):
+    assert prepare.main(["--dataset", "imagenette/full-size-v2", "--data_dir", str(data_dir),
+                         "--max_short_side", "36", "--splits", "train"]) == 0
+  resized = f"{data_dir}-max36"
+  assert f"data.data_dir = {resized!r}" in capsys.readouterr().out
+
+  def cfg(d):
+    return dict(name="imagenette/full-size-v2", data_dir=str(d), eval_split="validation")
+  for split in ("train", "validation"):
+    old, new = sources.open_source(cfg(data_dir), split), sources.open_source(cfg(resized), split)
+    assert len(old) == len(new) == {"train": 12, "validation": 6}[split]
+    for i in range(len(old)):
+      a, b = old.read_one(i), new.read_one(i)
+      assert a["label"] == b["label"]
+      (h, w) = transforms.image_size_of(a["image"])
+      (nh, nw) = transforms.image_size_of(b["image"])
+      if split == "validation" or min(h, w) <= 36:
+        assert a["image"] == b["image"]
+      else:
+        assert min(nh, nw) == 36 and abs(nw / nh - w / h) < 0.05
+        big = transforms.resize(transforms.decode_image(a["image"]), (nh, nw)).astype(float)
+        assert np.abs(transforms.decode_image(b["image"]) - big).mean() < 20  # same picture
+  assert data.num_examples(cfg(resized), "train") == 12
+  batch = next(iter(data.train_iterator(dict(cfg(resized), resize_short=36, crop_size=32),
+                                        batch_size=4, image_size=32, epoch=0, seed=0)))
+  assert batch["image"].shape == (4, 32, 32, 3)
+  with pytest.raises(ValueError, match="max_short_side"):
+    prepare.prepare_resized("imagenette/full-size-v2", str(data_dir), 0)
+
+
+def test_shrink_encoded_keeps_small_images_and_the_format(rng):
+  png = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, size=(50, 80, 3)).astype(np.uint8)).save(png, "PNG")
+  out = Image.open(io.BytesIO(prepare.shrink_encoded(png.getvalue(), 40)))
+  assert out.format == "PNG" and out.size == (64, 40)
+  assert prepare.shrink_encoded(png.getvalue(), 50) == png.getvalue()
+  jpeg = _jpeg(rng, 300, 200)
+  out = Image.open(io.BytesIO(prepare.shrink_encoded(jpeg, 100, quality=80)))
+  assert out.format == "JPEG" and out.size == (100, 150)
 
 
 def test_imagenet_image_fixes_use_pillow(rng):

@@ -25,8 +25,9 @@ float32 batches above.
 
 Multi-scale layout: view v is the whole image resized so its short side is scales[v], in the
 step's bucket scaled to that scale (with view.flip, views V/2.. are the same images flipped);
-all views of a batch are padded to the largest scale's bucket (H, W). `multiscale_view_shapes` gives each view's own padded shape, so an evaluator can
-slice `image[:, v, :h_v, :w_v]` and run fewer pixels per scale.
+all views of a batch are padded to the largest scale's bucket (H, W). `multiscale_view_shapes`
+gives each view's own padded shape, so an evaluator can slice `image[:, v, :h_v, :w_v]` and
+run fewer pixels per scale.
 
 Randomness: the plan's shuffle comes from (seed, epoch); each example's augmentation from
 (seed, epoch, step, global slot), so batches are the same for any number of workers and the

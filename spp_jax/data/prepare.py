@@ -6,6 +6,18 @@ r"""Prepares a TFDS data set as array_record, without TensorFlow.
   python -m spp_jax.data.prepare --dataset oxford_flowers102 --data_dir DIR
   python -m spp_jax.data.prepare --dataset imagenet2012 --data_dir DIR --manual_dir DIR_WITH_TARS
 
+Pre-resized storage (as FFCV stores its data sets), for training speed:
+
+  python -m spp_jax.data.prepare --dataset imagenet2012 --data_dir DIR --max_short_side 256
+
+prepares the set in DIR if needed, then writes a copy to DIR-max256 (--resized_dir) whose
+images are re-encoded no larger than 256 on the short side (smaller ones are kept byte for
+byte); point data.data_dir at it. Decoding a 256-pixel image costs about half a 500x375 one,
+and training at 224 crops a pre-resized image without resampling. The cost is resolution:
+views that need more than N pixels on the short side (full-image or multi-scale testing at
+scales above N, docs/paper.md §4) would see upsampled images. `--splits train` resizes only the
+training split and copies the others unchanged, so testing still reads the original images.
+
 imagenette, caltech101 and oxford_flowers102 are downloaded by TFDS (a connected machine);
 imagenet2012 needs ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in --manual_dir.
 `--source_dir` points the embedded set at another directory of Fashion-MNIST idx files.
@@ -23,10 +35,13 @@ import argparse
 import contextlib
 import glob as glob_lib
 import io
+import multiprocessing
 import os
+import re
 import shutil
 import sys
 import types
+from concurrent import futures
 from unittest import mock
 
 from etils import epath
@@ -38,7 +53,7 @@ _tfds_compat.install()
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from spp_jax.data import multiscale_fashion_mnist, sources  # noqa: E402,F401
+from spp_jax.data import multiscale_fashion_mnist, sources, transforms  # noqa: E402,F401
 
 # The data sets this project documents; any other TFDS image-classification builder whose
 # code only needs tf.io.gfile works the same way.
@@ -152,6 +167,100 @@ def prepare(name: str, data_dir: str | None = None, *, manual_dir: str | None = 
   return builder
 
 
+# ----------------------------------------------------------------------------- pre-resized
+
+
+def shrink_encoded(data: bytes, max_short_side: int, quality: int = 90) -> bytes:
+  """Encoded image re-encoded (same format) with its short side <= max_short_side, aspect
+  kept; an image already small enough comes back unchanged (no second compression loss)."""
+  img = Image.open(io.BytesIO(data))
+  w, h = img.size
+  if min(w, h) <= max_short_side:
+    return data
+  fmt = img.format or "PNG"
+  nh, nw = transforms.short_side_size((h, w), max_short_side)
+  size = (nw, nh)
+  if fmt == "JPEG":  # DCT-domain reduction first, never below the target size
+    img.draft(img.mode, size)
+  if img.mode not in ("RGB", "L"):
+    img = img.convert("RGB")
+  img = img.resize(size, Image.LANCZOS)
+  buf = io.BytesIO()
+  img.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+  return buf.getvalue()
+
+
+_SHARD = re.compile(r"\.array_record-\d+-of-\d+$")
+
+
+def _split_of(file_name: str, dataset: str) -> str:
+  """"imagenet2012-train.array_record-00000-of-01024" -> "train"."""
+  return file_name[len(dataset) + 1:].split(".array_record")[0]
+
+
+def _resize_shard(src: str, dst: str, image_key: str, max_short_side: int, quality: int) -> int:
+  """Rewrites one array_record shard with its images shrunk; returns the records written."""
+  from array_record.python import array_record_module
+  from tensorflow_datasets.proto import tf_example_pb2
+  reader = array_record_module.ArrayRecordReader(src)
+  writer = array_record_module.ArrayRecordWriter(dst, "group_size:1")  # as TFDS writes
+  n = 0
+  try:
+    for record in reader.read_all():
+      example = tf_example_pb2.Example.FromString(record)
+      values = example.features.feature[image_key].bytes_list.value
+      values[0] = shrink_encoded(values[0], max_short_side, quality)
+      writer.write(example.SerializeToString())
+      n += 1
+  finally:
+    reader.close()
+    writer.close()
+  return n
+
+
+def prepare_resized(name: str, data_dir: str | None, max_short_side: int, *,
+                    resized_dir: str | None = None, splits: list[str] | None = None,
+                    quality: int = 90, num_workers: int = 0) -> str:
+  """Writes a copy of a prepared data set with images no larger than max_short_side on the
+  short side (`shrink_encoded`), in the same TFDS layout under resized_dir (default
+  "<data_dir>-max<N>"); splits: the ones to resize (default all; others are copied). Returns
+  resized_dir, the data_dir to read the copy from."""
+  if max_short_side < 1:
+    raise ValueError(f"max_short_side must be >= 1, got {max_short_side}")
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  src = os.fspath(builder.data_path)
+  root = os.fspath(builder._data_dir_root)  # pylint: disable=protected-access
+  if not os.path.exists(os.path.join(src, "dataset_info.json")):
+    raise ValueError(f"{name} is not prepared in {root}: "
+                     f"{sources.prepare_command(name, data_dir)}")
+  resized_dir = resized_dir or f"{root.rstrip(os.sep)}-max{max_short_side}"
+  dst = os.path.join(resized_dir, os.path.relpath(src, root))
+  tmp = dst + ".incomplete"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  image_key, _ = sources.feature_keys(builder.info)
+  dataset = builder.info.name
+  jobs = []
+  for file_name in sorted(os.listdir(src)):
+    path = os.path.join(src, file_name)
+    if not os.path.isfile(path):
+      continue  # e.g. the pipeline's image-size cache: made again for the new images
+    if _SHARD.search(file_name) and (splits is None or _split_of(file_name, dataset) in splits):
+      jobs.append((path, os.path.join(tmp, file_name), image_key, max_short_side, quality))
+    else:
+      shutil.copy2(path, os.path.join(tmp, file_name))
+  if num_workers > 0:
+    with futures.ProcessPoolExecutor(num_workers,
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+      list(pool.map(_resize_shard, *zip(*jobs)))
+  else:
+    for job in jobs:
+      _resize_shard(*job)
+  shutil.rmtree(dst, ignore_errors=True)
+  os.replace(tmp, dst)
+  return resized_dir
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,6 +272,15 @@ def main(argv=None) -> int:
   parser.add_argument("--download_dir", default=None, help="where downloads are kept")
   parser.add_argument("--source_dir", default=None,
                       help="multiscale_fashion_mnist: directory of the four idx files")
+  parser.add_argument("--max_short_side", type=int, default=None,
+                      help="also write a copy with images re-encoded no larger than this on "
+                           "the short side (see the module doc)")
+  parser.add_argument("--resized_dir", default=None,
+                      help="data dir of the resized copy (default <data_dir>-max<N>)")
+  parser.add_argument("--splits", nargs="+", default=None,
+                      help="splits to resize (default all; the others are copied unchanged)")
+  parser.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+  parser.add_argument("--num_workers", type=int, default=0, help="processes for resizing")
   args = parser.parse_args(argv)
   if sources.base_name(args.dataset) not in DOCUMENTED:
     print(f"note: {args.dataset} is not one of the documented data sets {DOCUMENTED}; "
@@ -171,6 +289,12 @@ def main(argv=None) -> int:
                     download_dir=args.download_dir, source_dir=args.source_dir)
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   print(f"prepared {builder.info.full_name} as array_record in {builder.data_dir}: {splits}")
+  if args.max_short_side:
+    out = prepare_resized(args.dataset, args.data_dir, args.max_short_side,
+                          resized_dir=args.resized_dir, splits=args.splits,
+                          quality=args.quality, num_workers=args.num_workers)
+    print(f"images no larger than {args.max_short_side} on the short side: "
+          f"data.data_dir = {out!r}")
   return 0
 
 
