@@ -1,4 +1,4 @@
-r"""ZF-5 on ImageNet-2012 with the paper's protocol (SPEC §3), SPP {6,3,2,1} by default.
+r"""ZF-5 on ImageNet-2012 with the paper's protocol (docs/paper.md §3), SPP {6,3,2,1} by default.
 
   python -m spp_jax.main --config configs/zf5_imagenet.py --workdir workdirs/zf5_single
   python -m spp_jax.main --config configs/zf5_imagenet.py:multi --workdir workdirs/zf5_multi
@@ -15,7 +15,7 @@ ImageNet must be prepared as array_record first (manual download; see the data R
 paper's protocol: short side 256, 224 crops from the whole image, flips and colour alteration,
 SGD momentum 0.9, weight decay 5e-4, learning rate 0.01 divided by 10 twice, 70 epochs. The
 paper does not give the decay epochs or the batch size: 40/60 and 128 are our choices.
-Evaluation views: centre 224 crop, the full image (short side 256), 10-view (SPEC §4).
+Evaluation views: centre 224 crop, the full image (short side 256), 10-view (docs/paper.md §4).
 """
 
 from __future__ import annotations

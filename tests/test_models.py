@@ -170,7 +170,7 @@ def test_caffe_rounding_gives_the_paper_map_sizes():
   assert models.spec("convnet5").feature_size(224) == (13, 13)
   assert models.spec("overfeat5").feature_size(224) == (18, 18)
   assert models.spec("overfeat7").feature_size(224) == (18, 18)
-  # Floor rounding would have given the wrong sizes (SPEC §2): 110 -> 54 -> 25 -> 12.
+  # Floor rounding would have given the wrong sizes (docs/paper.md §2): 110 -> 54 -> 25 -> 12.
   assert pool_output_size(110, 3, 2) == 55 and (110 - 3) // 2 + 1 == 54
   assert dict(zf.arch.layer_sizes(224)) == {
       "conv1": 110, "norm1": 110, "pool1": 55, "conv2": 26, "norm2": 26, "pool2": 13,

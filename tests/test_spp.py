@@ -1,4 +1,4 @@
-"""The SPP op against a plain NumPy loop over bins (SPEC §1 and §7)."""
+"""The SPP op against a plain NumPy loop over bins (docs/paper.md §1 and §7)."""
 
 from __future__ import annotations
 

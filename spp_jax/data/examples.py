@@ -1,12 +1,12 @@
 """One decoded image -> what the network sees: the training inputs and the test views.
 
-Training (SPEC §3): crop mode resizes the short side to data.resize_short, takes a random
+Training (docs/paper.md §3): crop mode resizes the short side to data.resize_short, takes a random
 crop_size crop from the whole image, flips it, resizes it to the epoch's size (multi-size
 training: the same region at another resolution), alters colours and subtracts the mean.
 Full-image mode resizes the short side to s (aspect ratio kept), fits the result into its
 padded bucket, flips and alters colours.
 
-Testing (SPEC §4): centre crop, full image, 10-view, and multi-scale full images (one per
+Testing (docs/paper.md §4): centre crop, full image, 10-view, and multi-scale full images (one per
 scale; the evaluator takes windows on their feature maps).
 
 Every function takes the decoded image (a PIL image or uint8 (H, W, 3)); each geometric step

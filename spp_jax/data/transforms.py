@@ -1,4 +1,4 @@
-"""Image transforms of the training and testing protocols (SPEC §3, §4), numpy + Pillow.
+"""Image transforms of the training and testing protocols (docs/paper.md §3, §4), numpy + Pillow.
 
 Pure functions on one image: uint8 (H, W, 3) arrays while the geometry changes (Pillow resizes
 uint8 fast), float32 once colours change. Randomness comes in as a `np.random.Generator`, so a
@@ -17,7 +17,7 @@ from PIL import Image
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
-# The 10 views of SPEC §4: centre and four corners, then the same five flipped.
+# The 10 views of docs/paper.md §4: centre and four corners, then the same five flipped.
 TEN_VIEW_CORNERS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
 
 
@@ -179,7 +179,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def ten_views(image: np.ndarray, size: int) -> list[np.ndarray]:
-  """The 10-view crops (SPEC §4): centre and four corners, then the same five flipped."""
+  """The 10-view crops (docs/paper.md §4): centre and four corners, then the same five flipped."""
   offsets = corner_offsets(image.shape[:2], size)
   views = [crop(image, *offsets[name], (size, size)) for name in TEN_VIEW_CORNERS]
   return views + [v[:, ::-1] for v in views]

@@ -1,8 +1,9 @@
-"""Spatial pyramid pooling of many windows of shared feature maps (SPP-net detection, SPEC §6).
+"""Spatial pyramid pooling of many windows of shared feature maps (SPP-net detection,
+docs/paper.md §6).
 
 `roi_spatial_pyramid_pool` pools R windows, each a rectangle of feature-map cells of one image,
 into R fixed-length vectors. Row r is exactly `spatial_pyramid_pool(features[b, y0:y1, x0:x1][None],
-levels)`: the bin rule of SPEC §1 applied to the window's own height and width.
+levels)`: the bin rule of docs/paper.md §1 applied to the window's own height and width.
 
 How max pooling is computed, and why:
 - The bins of thousands of overlapping windows overlap each other heavily, so reducing every bin
@@ -145,7 +146,10 @@ def _clip_windows(windows, h: int, w: int):
 
 
 def _window_bins(start: jax.Array, size: jax.Array, n: int):
-  """Per-window bin edges: (R,) start, size -> (R, n) absolute starts and ends (SPEC §1)."""
+  """Per-window bin edges: (R,) start, size -> (R, n) absolute starts and ends.
+
+  The bin rule of docs/paper.md §1.
+  """
   i = jnp.arange(n, dtype=jnp.int32)[None, :]
   s = size[:, None]
   return start[:, None] + (i * s) // n, start[:, None] - ((-(i + 1) * s) // n)

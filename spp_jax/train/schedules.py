@@ -1,4 +1,4 @@
-"""What changes over training: each epoch's input size (SPEC §3), and the learning rate.
+"""What changes over training: each epoch's input size (docs/paper.md §3), and the learning rate.
 
 Both are pure functions of the config and the epoch or step, so a resumed run and every
 process of a multi-host run agree on them without saving or communicating anything.

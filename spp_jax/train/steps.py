@@ -77,7 +77,7 @@ def make_eval_step(graphdef, *, use_image_sizes: bool,
 
   batch: image (B, V, H, W, 3) with V views per example, image_size (B, V, 2) used when
   use_image_sizes, label (B,), mask (B,) (0 for padding examples). The scores of an example are
-  its softmax probabilities averaged over its V views (10-view testing, SPEC §4).
+  its softmax probabilities averaged over its V views (10-view testing, docs/paper.md §4).
   view_shapes: optional padded (h, w) of each view (multi-scale views are padded to the largest
   scale's shape): view v then runs on image[:, v, :h, :w] only, the same result with fewer
   pixels.
