@@ -163,6 +163,37 @@ def test_train_crop_is_a_random_crop_of_the_resized_image(rng):
   assert np.abs(out - ref).mean() < 2.0
 
 
+def test_draft_decoding_gives_nearly_the_full_decoding_crops(rng):
+  """A 1200x900 JPEG decoded at half size (DCT scaling, short side 450 >= 256) gives training
+  crops within a few grey levels of those from the full decoding, at a quarter of the pixels."""
+  noise = rng.integers(0, 256, size=(36, 48, 3)).astype(np.uint8)
+  photo = np.asarray(Image.fromarray(noise).resize((1200, 900), Image.BICUBIC))
+  jpeg = _encode(photo, "JPEG")
+  full = transforms.decode_pil(jpeg)
+  small = transforms.decode_pil(jpeg, draft_short_side=256)
+  assert full.size == (1200, 900) and small.size == (600, 450)
+  s = _settings(resize_short=256, crop_size=224, min_size=32, flip=False,
+                full_image=dict(short_side=256, buckets=((256, 256),)))
+  for seed in range(3):
+    for out in (224, 180):
+      a, _ = examples.train_crop_pixels(full, s, out, np.random.default_rng(seed))
+      b, _ = examples.train_crop_pixels(small, s, out, np.random.default_rng(seed))
+      diff = np.abs(a.astype(int) - b.astype(int))
+      assert a.shape == b.shape == (out, out, 3) and diff.mean() < 1.5 and diff.max() < 40
+  other, _ = examples.train_crop_pixels(full, s, 180, np.random.default_rng(9))
+  assert np.abs(other.astype(int) - a.astype(int)).mean() > 5  # another crop is far
+
+
+def test_resized_crop_at_scale_one_is_a_plain_crop(rng):
+  img = rng.integers(0, 256, size=(40, 50, 3)).astype(np.uint8)
+  for image in (img, Image.fromarray(img)):
+    out = transforms.resized_crop(image, (3.0, 7.0, 20.0, 20.0), (20, 20))
+    np.testing.assert_array_equal(out, img[3:23, 7:27])
+  # The same box through Pillow's resampling gives the same pixels (weights 0 and 1).
+  pil = np.asarray(Image.fromarray(img).resize((20, 20), Image.BILINEAR, box=(7, 3, 27, 23)))
+  np.testing.assert_array_equal(pil, img[3:23, 7:27])
+
+
 def test_resized_crop_equals_resize_then_crop_on_smooth_images():
   y, x = np.mgrid[0:60, 0:90]
   img = np.stack([y * 2, x * 2, (x + y)], -1).astype(np.uint8)  # linear ramps

@@ -6,8 +6,11 @@
   num_examples(data_cfg, split), num_classes(data_cfg), steps_per_epoch(data_cfg, global_batch),
   num_eval_batches(data_cfg, view, batch_size, process_count=...)
 
-Batch layouts, randomness and iterator state: see `pipeline.py`. Importing this package
-registers the embedded TFDS builder `multiscale_fashion_mnist` (prepared on first use).
+Batch layouts, randomness and iterator state: see `pipeline.py`. With data.batch_dtype =
+"uint8" the steps finish the batches on the device with `spp_jax.data.on_device` (imported on
+its own: it needs JAX, the host pipeline does not). Full-image buckets: `buckets.py`
+(`python -m spp_jax.data.buckets`). Importing this package registers the embedded TFDS builder
+`multiscale_fashion_mnist` (prepared on first use).
 """
 
 from spp_jax.data import _tfds_compat
