@@ -1,25 +1,24 @@
 """Spatial pyramid pooling (He et al., 2014), exact bins for every map size.
 
-Bin rule (SPEC §1): on an axis of length `a` split into `n` bins, bin `i` covers
-`[floor(i*a/n), ceil((i+1)*a/n))`. No bin is empty for any a >= 1, bins may overlap,
-rows and columns are split independently.
+Bin rule (docs/paper.md §1, spp_jax/ops/bins.py): on an axis of length `a` split into `n`
+bins, bin `i` covers `[floor(i*a/n), ceil((i+1)*a/n))`. No bin is empty for any a >= 1, bins
+may overlap, rows and columns are split independently.
 
 How it is computed, and why:
 - Max pooling is separable: the max over a rectangle is the max over its columns of the
   max over its rows. Rows are reduced first (N, H, W, C) -> (N, nh, W, C), then columns.
 - Levels nest: when a level (nh, nw) divides a finer one (mh, mw) on both axes, every coarse
-  bin is exactly the union of (mh/nh) x (mw/nw) fine bins, so (3, 2, 1) come from the 6x6
-  result (1x1 from 3x3) and the input is read once.
-- Every stage keeps the arg-max of each bin (the first maximum; NaN wins), and custom VJPs
-  send each bin's gradient to that one cell, in one pass per stage over the stage's input.
-  Ties (ReLU zeros) are never split or counted twice.
-- With static sizes each bin is a static range. With `valid_sizes` the bins differ per
-  example and may be traced: offset o of every bin is a gather of row start + o, masked past
-  the bin's end (one compilation per padded shape). Cells past an example's size are masked
-  or never read, and gradients are selected, never multiplied, so padding (NaN and inf
-  included) never reaches a result or a gradient.
-- XLA:CPU fuses cheap producers into each consumer, which would recompute the arg-max chains
-  inside every backward fusion; `_isolated` keeps each stage's results in buffers.
+  bin is exactly the union of (mh/nh) x (mw/nw) fine bins, for any size (traced ones too), so
+  (3, 2, 1) come from the 6x6 result (1x1 from 3x3) and the input is read once.
+- Every stage keeps the arg-max of each bin (the first maximum; NaN wins: ops/argmax.py), and
+  custom VJPs send each bin's gradient to that one cell, in one pass per stage over the
+  stage's input. Ties (ReLU zeros) are never split or counted twice.
+- With `valid_sizes` the bins differ per example and may be traced (one compilation per padded
+  shape). Cells past an example's size are masked or never read, and gradients are selected,
+  never multiplied, so padding (NaN and inf included) never reaches a result or a gradient.
+- The finest levels take the formulation that costs least on the platform compiled for:
+  ops/masked_max.py (mask-then-reduce) on GPU and TPU and for symbolic shapes (jax.export),
+  ops/cpu_kernels.py on CPU.
 - Average pooling takes the same separable path with sums (in f32 at least) and written-out
   transposes, so a NaN in a cell reaches only the bins that hold it.
 """
@@ -35,7 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spp_jax.ops import cpu_kernels, masked_max
 from spp_jax.ops.argmax import first_max
+from spp_jax.ops.bins import (bin_edges, bin_slots, edge_arrays, max_bin_len, static_bins,
+                              traced_edges, window_cells)
 
 Level = Union[int, tuple[int, int]]
 Levels = tuple[tuple[int, int], ...]
@@ -80,17 +82,6 @@ def spp_output_dim(levels: Sequence[Level], channels: int) -> int:
   return int(channels) * sum(nh * nw for nh, nw in normalize_levels(levels))
 
 
-def bin_edges(size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """Static bin edges: starts[i] = floor(i*size/n), ends[i] = ceil((i+1)*size/n)."""
-  i = np.arange(n)
-  return (i * size) // n, -((-(i + 1) * size) // n)
-
-
-def _static_bins(size: int, n: int) -> tuple[tuple[int, int], ...]:
-  """bin_edges as hashable (start, end) pairs, for static arguments."""
-  return tuple(zip(*(e.tolist() for e in bin_edges(size, n))))
-
-
 def check_pooling_input(name: str, x, pooling: str) -> tuple[int, int, int, int]:
   """Checks a (N, H, W, C) float map and the pooling mode; returns the shape."""
   if pooling not in _POOLINGS:
@@ -100,7 +91,7 @@ def check_pooling_input(name: str, x, pooling: str) -> tuple[int, int, int, int]
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
     raise ValueError(f"{name} must have a float dtype, got {jnp.result_type(x)}")
   n, h, w, c = np.shape(x)
-  if min(h, w) < 1:
+  if h < 1 or w < 1:  # Not min(h, w): symbolic sizes (jax.export) compare only to constants.
     raise ValueError(f"{name} must have H, W >= 1, got shape {np.shape(x)}")
   return n, h, w, c
 
@@ -154,14 +145,14 @@ def spatial_pyramid_pool(x: jax.Array, levels: Sequence[Level], *, pooling: str 
 def _spp_static(x, levels: Levels, pooling: str):
   if pooling == "avg":
     return _concat([_avg_level_static(x, lv) for lv in levels])
-  return _max_pyramid(x, levels, lambda level: _max_level_static(x, level))
+  return _max_pyramid(x, levels, lambda level: _max_level(x, None, level))
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "pooling"))
 def _spp_masked(x, valid_sizes, levels: Levels, pooling: str):
   if pooling == "avg":
     return _concat([_avg_level_traced(x, valid_sizes, lv) for lv in levels])
-  return _max_pyramid(x, levels, lambda level: _max_level_traced(x, valid_sizes, level))
+  return _max_pyramid(x, levels, lambda level: _max_level(x, valid_sizes, level))
 
 
 def _concat(pooled: list[jax.Array]) -> jax.Array:
@@ -211,7 +202,7 @@ def _fine_bins(y: jax.Array, kh: int, kw: int) -> list[jax.Array]:
 
 
 def _coarse_max_fwd(y, kh: int, kw: int):
-  return _isolated(lambda y: _coarse_max_chain(y, kh, kw), y)
+  return cpu_kernels.isolated(lambda y: _coarse_max_chain(y, kh, kw), y)
 
 
 def _coarse_max_chain(y, kh: int, kw: int):
@@ -235,210 +226,34 @@ def _coarse_max_bwd(kh: int, kw: int, win, g):
 _coarse_max.defvjp(_coarse_max_fwd, _coarse_max_bwd)
 
 
-# ----------------------------------------------------------------------------- max, static
+# ----------------------------------------------------------------------------- max, one level
 
 
-def _max_level_static(x: jax.Array, level) -> jax.Array:
-  """x: (N, H, W, C) -> (N, nh, nw, C), rows then columns, custom VJP."""
-  _, h, w, _ = x.shape
-  rows, cols = _static_bins(h, level[0]), _static_bins(w, level[1])
-  return _separable_max(x, rows, cols)
+def _max_level(x: jax.Array, valid_sizes: jax.Array | None, level) -> jax.Array:
+  """x: (N, H, W, C) -> (N, nh, nw, C) over the whole map, or each example's own region.
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _separable_max(x, rows, cols):
-  return _separable_max_fwd(x, rows, cols)[0]
-
-
-def _separable_max_fwd(x, rows, cols):
-  y1, arg_rows = _isolated(lambda x: _bin_max(x, rows, axis=1), x)
-  y, arg_cols = _isolated(lambda y1: _bin_max(y1, cols, axis=2), y1)
-  return y, (arg_rows, arg_cols, x.shape[1], x.shape[2])
-
-
-def _separable_max_bwd(rows, cols, res, g):
-  arg_rows, arg_cols, h, w = res
-  g1 = _isolated(lambda g, a: _bin_max_grad(g, a, cols, w, axis=2), g, arg_cols)
-  return (_bin_max_grad(g1, arg_rows, rows, h, axis=1),)
-
-
-_separable_max.defvjp(_separable_max_fwd, _separable_max_bwd)
-
-
-def _isolated(fn, *args):
-  """fn(*args), computed into buffers before anything reads the result (on CPU).
-
-  XLA:CPU fuses cheap elementwise producers into each of their consumers, so the arg-max
-  chains of a forward pass would be recomputed inside every fusion of the backward pass that
-  reads them (20x slower fwd + bwd; `optimization_barrier` is expanded before fusion there).
-  Nothing outside a conditional's branch fuses with what is inside, so on CPU fn runs as the
-  branch of one whose predicate is true for every input but cannot be folded (the other branch
-  is never taken). Other backends call fn directly: a GPU conditional reads its predicate on
-  the host.
-  """
-  leaves = jax.tree.leaves(args)
-  if any(leaf.size == 0 for leaf in leaves):
-    return fn(*args)
-
-  def on_cpu(*args):
-    probe = jnp.isnan(jax.tree.leaves(args)[0].reshape(-1)[0])
-    out_shapes = jax.eval_shape(fn, *args)
-    zeros = lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes)
-    return jax.lax.cond(probe | ~probe, fn, zeros, *args)
-
-  return jax.lax.platform_dependent(*args, cpu=on_cpu, default=fn)
-
-
-def _index_dtype(size: int):
-  return jnp.int8 if size <= 127 else jnp.int16 if size <= 32767 else jnp.int32
-
-
-def _bin_max(x: jax.Array, bins, axis: int):
-  """Max over static index ranges along `axis`, with the arg-max of each bin.
-
-  Returns the pooled array (len(bins) along `axis`) and the arg-max positions (absolute
-  indices along `axis`, first maximum wins). NaN propagates like jnp.max.
-  """
-  idx_dtype = _index_dtype(x.shape[axis])
-  take = lambda p: jax.lax.index_in_dim(x, p, axis, keepdims=False)
-  values, args = [], []
-  for start, end in bins:
-    # The values are a plain chain of maxima (NaN-propagating, like jnp.max) so that their
-    # fusion, which XLA keeps apart from the arg-max's, costs one op per cell.
-    values.append(functools.reduce(jnp.maximum, [take(p) for p in range(start, end)]))
-    rows = range(start, end)
-    args.append(first_max([take(p) for p in rows], rows, idx_dtype)[1])
-  return jnp.stack(values, axis=axis), jnp.stack(args, axis=axis)
-
-
-def _bin_max_grad(g: jax.Array, args: jax.Array, bins, size: int, axis: int) -> jax.Array:
-  """Transpose of _bin_max: sends each bin's gradient to its arg-max along `axis`.
-
-  One pass over the output. A cell lies in at most S bins (2 when bins are no wider than the
-  stride between them): slot k holds, for every cell, the k-th bin containing it, gathered with
-  constant indices, and the cell takes that bin's gradient if it is the bin's arg-max.
-  """
-  shape = [1] * g.ndim
-  shape[axis] = size
-  p = jax.lax.broadcasted_iota(args.dtype, shape, axis)
-  zero = jnp.zeros((), g.dtype)
-  dx = None
-  for which, valid in _bin_slots(bins, size):
-    hit = jnp.take(args, which, axis=axis) == p
-    if not valid.all():  # Cells with fewer bins repeat their last one.
-      hit = hit & jnp.asarray(valid).reshape(shape)
-    term = jnp.where(hit, jnp.take(g, which, axis=axis), zero)
-    dx = term if dx is None else dx + term
-  return dx
-
-
-def _bin_slots(bins, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Slot k: for every cell, the k-th bin holding it (or its last one) and whether it has k+1."""
-  members: list[list[int]] = [[] for _ in range(size)]
-  for b, (start, end) in enumerate(bins):
-    for p in range(start, end):
-      members[p].append(b)
-  return [(np.array([m[min(k, len(m) - 1)] for m in members]),
-           np.array([len(m) > k for m in members])) for k in range(max(map(len, members)))]
-
-
-# ----------------------------------------------------------------------------- max, traced
-
-
-def _max_level_traced(x: jax.Array, valid_sizes: jax.Array, level) -> jax.Array:
-  """x: (N, H, W, C), valid_sizes (N, 2) -> (N, nh, nw, C) over each example's own region.
-
-  A bin never spans more than K = ceil(A/n) + 1 cells of an axis of padded length A, so each
-  bin is a gather of K rows (columns) whose cells beyond the bin are replaced by -inf: about
-  (A + n)/A reads of x, whatever the valid sizes, and one executable per padded shape.
+  The formulation follows the platform compiled for (cpu_kernels.by_platform): masked_max's
+  mask-then-reduce on GPU and TPU, cpu_kernels' elementwise chains (static bins) or row
+  gathers (traced bins) on CPU. Symbolic map sizes (jax.export) take masked_max everywhere:
+  it is the only one whose program does not depend on the bins' lengths.
   """
   _, h, w, _ = x.shape
-  row_starts, row_sizes = _traced_edges(valid_sizes[:, 0], level[0])
-  col_starts, col_sizes = _traced_edges(valid_sizes[:, 1], level[1])
-  # The row stage also pools padding columns; the column stage never reads them, and the
-  # backward pass selects gradients (never multiplies), so padding cannot leak either way.
-  return _gathered_max(x, row_starts, row_sizes, col_starts, col_sizes,
-                       _max_bin_len(h, level[0]), _max_bin_len(w, level[1]))
-
-
-def _traced_edges(sizes: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-  """sizes: (N,) -> bin starts and lengths, each (N, n) int32."""
-  i = jnp.arange(n, dtype=jnp.int32)[None, :]
-  s = sizes.astype(jnp.int32)[:, None]
-  starts = (i * s) // n
-  return starts, -((-(i + 1) * s) // n) - starts
-
-
-def _max_bin_len(length: int, n: int) -> int:
-  return min(length, -(-length // n) + 1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _gathered_max(x, row_starts, row_sizes, col_starts, col_sizes, k_rows, k_cols):
-  return _gathered_max_fwd(x, row_starts, row_sizes, col_starts, col_sizes, k_rows, k_cols)[0]
-
-
-def _gathered_max_fwd(x, row_starts, row_sizes, col_starts, col_sizes, k_rows, k_cols):
-  y1, arg_rows = _isolated(lambda x: _window_max(x, row_starts, row_sizes, k_rows), x)
-  y, arg_cols = _isolated(lambda y1: _window_max(y1.swapaxes(1, 2), col_starts, col_sizes, k_cols),
-                          y1)
-  res = (arg_rows, arg_cols, row_starts, row_sizes, col_starts, col_sizes, x.shape[1], x.shape[2])
-  return y.swapaxes(1, 2), res
-
-
-def _gathered_max_bwd(k_rows, k_cols, res, g):
-  arg_rows, arg_cols, row_starts, row_sizes, col_starts, col_sizes, h, w = res
-  g1 = _isolated(lambda g: _window_max_grad(g.swapaxes(1, 2), arg_cols, col_starts, w), g)
-  dx = _window_max_grad(g1.swapaxes(1, 2), arg_rows, row_starts, h)
-  return (dx, _float0_like(row_starts), _float0_like(row_sizes), _float0_like(col_starts),
-          _float0_like(col_sizes))
-
-
-_gathered_max.defvjp(_gathered_max_fwd, _gathered_max_bwd)
-
-
-def _window_max(x, starts, sizes, k: int):
-  """x: (N, A, W, C), bins (N, n) -> max (N, n, W, C) and arg-max offset within the bin.
-
-  Offset o of every bin is one gather of rows start + o, so the chain reads x about
-  (A + n) / A times without materialising the windows. The chain yields only the arg-max (its
-  gathers then have one reader, so XLA fuses them into it); the values are gathered at it.
-  """
-  candidates = _window_cells(x, starts, sizes, k, -jnp.inf)
-  arg = first_max(candidates, range(k), _index_dtype(k))[1]
-  rows = starts[:, :, None, None] + arg.astype(jnp.int32)
-  return jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds"), arg
-
-
-def _window_cells(x, starts, sizes, k: int, fill) -> list[jax.Array]:
-  """x: (N, A, W, C), bins (N, n) -> k arrays (N, n, W, C): offset o holds row start + o of
-  every bin, or `fill` where the bin is shorter (selected, never computed from the cell)."""
-  a = x.shape[1]
-  cells = []
-  for offset in range(k):
-    rows = jnp.minimum(starts + offset, a - 1)[:, :, None, None]
-    v = jnp.take_along_axis(x, rows, axis=1, mode="promise_in_bounds")
-    if offset:  # Offset 0 is inside every bin (sizes >= 1).
-      v = jnp.where((offset < sizes)[:, :, None, None], v, jnp.array(fill, x.dtype))
-    cells.append(v)
-  return cells
-
-
-def _window_max_grad(g, arg, starts, length: int):
-  """Transpose of _window_max: (N, n, W, C) cotangents -> (N, length, W, C).
-
-  Cell p receives the gradient of every bin whose arg-max it is: one pass over the output
-  with n compares per cell, instead of a scatter into a zeroed buffer.
-  """
-  p = jnp.arange(length, dtype=jnp.int32)[None, :, None, None]
-  zero = jnp.zeros((), g.dtype)
-  dx = None
-  for b in range(g.shape[1]):
-    source = starts[:, b, None, None, None] + arg[:, b:b + 1].astype(jnp.int32)
-    term = jnp.where(p == source, g[:, b:b + 1], zero)
-    dx = term if dx is None else dx + term
-  return dx
-
+  if valid_sizes is None:
+    rows, cols = edge_arrays(h, level[0]), edge_arrays(w, level[1])
+  else:
+    rows = traced_edges(valid_sizes[:, 0], level[0])
+    cols = traced_edges(valid_sizes[:, 1], level[1])
+  default = lambda x: masked_max.separable_max(x, rows, cols)
+  if not (_is_int(h) and _is_int(w)):
+    return default(x)
+  if valid_sizes is None:
+    rows_static, cols_static = static_bins(h, level[0]), static_bins(w, level[1])
+    cpu = lambda x: cpu_kernels.spp_static_max(x, rows_static, cols_static)
+  else:
+    (rs, re), (cs, ce) = rows, cols
+    k_rows, k_cols = max_bin_len(h, level[0]), max_bin_len(w, level[1])
+    cpu = lambda x: cpu_kernels.spp_gathered_max(x, rs, re - rs, cs, ce - cs, k_rows, k_cols)
+  return cpu_kernels.by_platform(x, cpu=cpu, default=default)
 
 # ----------------------------------------------------------------------------- avg
 
@@ -451,7 +266,7 @@ def _window_max_grad(g, arg, starts, length: int):
 def _avg_level_static(x: jax.Array, level) -> jax.Array:
   """x: (N, H, W, C) -> (N, nh, nw, C), the mean of each bin's cells."""
   _, h, w, _ = x.shape
-  rows, cols = _static_bins(h, level[0]), _static_bins(w, level[1])
+  rows, cols = static_bins(h, level[0]), static_bins(w, level[1])
   y = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return _bin_mean(_bin_mean(y, rows, 1), cols, 2).astype(x.dtype)
 
@@ -474,7 +289,7 @@ def _bin_mean_bwd(bins, axis: int, _, g):
   shape = [1] * g.ndim
   shape[axis] = size
   dx = None
-  for which, valid in _bin_slots(bins, size):
+  for which, valid in bin_slots(bins, size):
     weight = np.array([1.0 / (bins[b][1] - bins[b][0]) for b in which])
     term = jnp.take(g, which, axis=axis) * jnp.asarray(weight, g.dtype).reshape(shape)
     if not valid.all():  # A cotangent may be inf: select, never multiply by 0.
@@ -490,18 +305,19 @@ def _avg_level_traced(x: jax.Array, valid_sizes: jax.Array, level) -> jax.Array:
   """x: (N, H, W, C), valid_sizes (N, 2) -> (N, nh, nw, C) over each example's own region."""
   _, h, w, _ = x.shape
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  row_starts, row_sizes = _traced_edges(valid_sizes[:, 0], level[0])
-  col_starts, col_sizes = _traced_edges(valid_sizes[:, 1], level[1])
+  row_starts, row_ends = traced_edges(valid_sizes[:, 0], level[0])
+  col_starts, col_ends = traced_edges(valid_sizes[:, 1], level[1])
+  row_sizes, col_sizes = row_ends - row_starts, col_ends - col_starts
   # As for max: the row stage also averages padding columns, which the column stage never reads.
-  y1 = _window_mean(x.astype(acc), row_starts, row_sizes, _max_bin_len(h, level[0]))
-  y = _window_mean(y1.swapaxes(1, 2), col_starts, col_sizes, _max_bin_len(w, level[1]))
+  y1 = _window_mean(x.astype(acc), row_starts, row_sizes, max_bin_len(h, level[0]))
+  y = _window_mean(y1.swapaxes(1, 2), col_starts, col_sizes, max_bin_len(w, level[1]))
   return y.swapaxes(1, 2).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _window_mean(x, starts, sizes, k: int):
   """x: (N, A, W, C), bins (N, n) -> (N, n, W, C), the mean of each bin's cells."""
-  total = functools.reduce(jnp.add, _window_cells(x, starts, sizes, k, 0))
+  total = functools.reduce(jnp.add, window_cells(x, starts, sizes, k, 0))
   return total / sizes[:, :, None, None].astype(x.dtype)
 
 
