@@ -25,13 +25,17 @@ def _pair(make, cfg, n=2):
           _first(make(_cfg(**cfg, batch_dtype="uint8")), n))
 
 
+@pytest.mark.parametrize("decoder", ["pillow", "opencv"])
 @pytest.mark.parametrize("view", VIEWS, ids=lambda v: v["kind"])
-def test_eval_views_on_the_device_equal_the_host_views(data_dir, view):
+def test_eval_views_on_the_device_equal_the_host_views(data_dir, view, decoder):
   """Every view kind, ten_view included: the device's crops, flips, normalisation and zero
   padding give exactly the float32 batch the host made before (last batch: padding slots)."""
+  if decoder == "opencv":
+    pytest.importorskip("cv2")
+
   def make(cfg):
     return data.eval_iterator(cfg, view, batch_size=24)
-  cfg = dict(data_dir=data_dir)
+  cfg = dict(data_dir=data_dir, decoder=decoder)
   floats = list(make(_cfg(**cfg)))
   pixels = list(make(_cfg(**cfg, batch_dtype="uint8")))
   s = data.data_settings(_cfg(**cfg))
@@ -156,3 +160,14 @@ def test_uint8_batches_from_worker_processes_come_in_shared_memory(data_dir):
   for a, b in zip(ref, got):
     for k in a:
       np.testing.assert_array_equal(np.asarray(b[k]), a[k], err_msg=k)
+
+
+def test_put_copies_transposed_views_exactly(rng):
+  from spp_jax.data import assemble
+  x = rng.integers(0, 256, size=(7, 5, 3)).astype(np.uint8)
+  dst = np.zeros((9, 9, 3), np.uint8)
+  assemble.put(dst, x.transpose(1, 0, 2))
+  np.testing.assert_array_equal(dst[:5, :7], x.transpose(1, 0, 2))
+  assert not dst[5:].any() and not dst[:, 7:].any()
+  assemble.put(dst, x[:, ::-1])  # negative strides: the plain copy
+  np.testing.assert_array_equal(dst[:7, :5], x[:, ::-1])

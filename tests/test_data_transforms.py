@@ -321,3 +321,32 @@ def test_bad_views_are_named():
   with pytest.raises(ValueError, match="below the network's minimum"):
     settings.view_settings(dict(name="ms", kind="multiscale", scales=(8, 40)), s)
   assert settings.view_settings(dict(kind="ten_view"), s).num_views == 10
+
+
+# ----------------------------------------------------------------------------- opencv backend
+
+
+def test_opencv_decodes_the_pillow_pixels_and_resamples_close_to_pillow(rng):
+  pytest.importorskip("cv2")
+  noise = rng.integers(0, 256, size=(30, 40, 3)).astype(np.uint8)
+  photo = np.asarray(Image.fromarray(noise).resize((800, 600), Image.BICUBIC))
+  jpeg = _encode(photo, "JPEG")
+  for draft in (None, 300, 100):
+    np.testing.assert_array_equal(transforms.decode_cv2(jpeg, draft_short_side=draft),
+                                  np.asarray(transforms.decode_pil(jpeg, draft_short_side=draft)))
+  assert transforms.decode_cv2(jpeg, draft_short_side=100).shape == (150, 200, 3)
+  gray = _encode(photo[:, :, 0], "PNG")
+  np.testing.assert_array_equal(transforms.decode_cv2(gray), transforms.decode_image(gray))
+  with pytest.raises(ValueError, match="cannot decode"):
+    transforms.decode_cv2(b"not an image at all")
+  image = transforms.decode_cv2(jpeg)
+  for size in ((300, 400), (123, 77), (900, 1000)):  # shrinking (area) and enlarging (linear)
+    a = transforms.resize(image, size, "opencv").astype(int)
+    b = transforms.resize(image, size).astype(int)
+    assert a.shape == b.shape == size + (3,) and np.abs(a - b).mean() < 2.5
+  box = (100.4, 50.6, 300.0, 300.0)
+  a = transforms.resized_crop(image, box, (224, 224), "opencv").astype(int)
+  b = transforms.resized_crop(image, box, (224, 224)).astype(int)
+  assert np.abs(a - b).mean() < 3
+  np.testing.assert_array_equal(transforms.resized_crop(image, (3, 4, 50, 60), (50, 60), "opencv"),
+                                image[3:53, 4:64])

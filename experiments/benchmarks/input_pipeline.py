@@ -213,12 +213,12 @@ def build_photo_set(data_dir: str, n_train: int, n_test: int, quality: int = 90)
   return "spp_bench_photos"
 
 
-def jpeg_config(data_dir: str, batch_dtype: str):
+def jpeg_config(data_dir: str, batch_dtype: str, decoder: str = "pillow"):
   return dict(name="spp_bench_photos", data_dir=data_dir, train_split="train",
               eval_split="test", num_workers=0, prefetch=0, resize_short=256, crop_size=224,
               flip=True, color_jitter=0.4, mean=JPEG_MEAN, std=JPEG_STD,
               full_image=dict(short_side=256, buckets=JPEG_BUCKETS), min_size=32,
-              batch_dtype=batch_dtype)
+              batch_dtype=batch_dtype, decoder=decoder)
 
 
 def per_core(it, batches: int) -> tuple[float, float]:
@@ -256,19 +256,30 @@ def jpeg_variants(args, stores):
     records = [source.read_one(i)["image"] for i in range(min(len(source), 256))]
     out[f"{store}: Pillow decode only"] = (
         lambda r=records: (decode_only(r, b * nb), float("nan")))
-    for dtype in ("uint8", "float32"):
-      cfg = jpeg_config(ddir, dtype)
+    for dtype, decoder in (("uint8", "pillow"), ("float32", "pillow"), ("uint8", "opencv")):
+      if decoder == "opencv" and not _has_cv2():
+        continue
+      cfg = jpeg_config(ddir, dtype, decoder)
+      tag = f"{dtype}" + (", opencv" if decoder == "opencv" else "")
       for mode in ("crop", "full_image"):
         for size in (224, 180):
           def train(cfg=cfg, mode=mode, size=size, epoch=[0]):
             epoch[0] += 1
             return per_core(data.train_iterator(cfg, batch_size=b, image_size=size,
                                                 epoch=epoch[0], seed=0, mode=mode), nb)
-          out[f"{store}: train {mode} {size}, {dtype}"] = train
-      out[f"{store}: ten_view 224, {dtype}"] = (
+          out[f"{store}: train {mode} {size}, {tag}"] = train
+      out[f"{store}: ten_view 224, {tag}"] = (
           lambda cfg=cfg: per_core(data.eval_iterator(
               cfg, dict(kind="ten_view", size=224, short_side=256), batch_size=b), nb))
   return out
+
+
+def _has_cv2() -> bool:
+  try:
+    import cv2  # noqa: F401  (data.decoder = "opencv": the detection extra)
+    return True
+  except ImportError:
+    return False
 
 
 def bucket_report(data_dir: str):
@@ -316,12 +327,12 @@ def run_jpeg(args):
   yard = statistics.median(rates["original: Pillow decode only"])
   print(f"batch {args.batch}, {args.batches} timed batches, {args.rounds} rounds (median); "
         f"per core = images per CPU second of this one thread; x = / original decode only")
-  print(f"{'measurement':44s} {'img/s/core':>10s} {'x':>6s} {'KB/img to device':>17s}  rounds")
+  print(f"{'measurement':52s} {'img/s/core':>10s} {'x':>6s} {'KB/img to device':>17s}  rounds")
   for name, got in rates.items():
     med = statistics.median(got)
     kbi = nbytes[name] / 1e3
     kbs = "-" if kbi != kbi else f"{kbi:.0f}"
-    print(f"{name:44s} {med:10.0f} {med / yard:6.2f} {kbs:>17s}  "
+    print(f"{name:52s} {med:10.0f} {med / yard:6.2f} {kbs:>17s}  "
           + " ".join(f"{x:.0f}" for x in got))
   med = {k: statistics.median(v) for k, v in rates.items()}
   print("\ngoals (ratios to original decode only):")
@@ -329,7 +340,10 @@ def run_jpeg(args):
       ("train 224 crops, original files", "original: train crop 224, uint8", 0.9),
       ("train 224 crops, pre-resized 256", "max256: train crop 224, uint8", 1.2),
       ("ten_view, original files", "original: ten_view 224, uint8", 0.5)):
-    print(f"  {label:36s} {med[key] / yard:5.2f}x (goal >= {goal}x)")
+    line = f"  {label:36s} {med[key] / yard:5.2f}x (goal >= {goal}x)"
+    if key + ", opencv" in med:
+      line += f"; data.decoder='opencv': {med[key + ', opencv'] / yard:5.2f}x"
+    print(line)
   for kind in ("train crop 224", "ten_view 224"):
     ratio = nbytes[f"original: {kind}, float32"] / nbytes[f"original: {kind}, uint8"]
     print(f"  bytes to the device, {kind:20s} {ratio:5.1f}x fewer with uint8 (goal >= 4x)")

@@ -26,6 +26,19 @@ def allocate(shape, dtype, *, shared: bool, zero: bool = True) -> np.ndarray:
   return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
 
 
+_PIXEL = np.dtype((np.void, 3))  # one RGB pixel as a single element
+
+
+def put(dst: np.ndarray, src: np.ndarray) -> None:
+  """dst[:h, :w] = src for uint8 (h, w, 3) images. A transposed view (ten_view portraits) is
+  copied pixel by pixel as 3-byte elements: about 2.5x faster than numpy's strided byte copy."""
+  h, w = src.shape[:2]
+  if src.flags.c_contiguous or src.dtype != np.uint8 or src.strides[2] != 1:
+    dst[:h, :w] = src
+  else:
+    dst[:h, :w].view(_PIXEL)[..., 0] = src.view(_PIXEL)[..., 0]
+
+
 def _common(b: int, nv: int, shapes, outputs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   sizes = np.empty((b, nv, 2), np.int32)
   sizes[:] = shapes[:nv]  # padding slots: each view's padded shape (valid for any pooling)
@@ -97,16 +110,15 @@ def pixel_batch(kind: str, b: int, shapes, outputs, *, shared: bool,
   for j, (views, _, extra) in outputs.items():
     if train:
       x = views[0]
-      image[j, :x.shape[0], :x.shape[1]] = x
+      put(image[j], x)
       sizes[j, 0] = x.shape[:2]
       flip[j] = extra["flip"]
     elif "view_offsets" in extra:
-      x = views[0]
-      image[j, :x.shape[0], :x.shape[1]] = x
+      put(image[j], views[0])
       offsets[j], transposed[j] = extra["view_offsets"], extra["transposed"]
     else:
       for v, x in enumerate(views):
-        image[j, v, :x.shape[0], :x.shape[1]] = x
+        put(image[j, v], x)
         sizes[j, v] = x.shape[:2]
   if crop and len(outputs) < b:
     image[[j for j in range(b) if j not in outputs]] = 0  # np.empty: no stale bytes

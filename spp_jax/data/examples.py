@@ -26,6 +26,10 @@ from spp_jax.data import transforms
 from spp_jax.data.settings import DataSettings, ViewSettings
 
 
+def _backend(settings: DataSettings) -> str:
+  return "opencv" if settings.decoder == "opencv" else "pillow"
+
+
 class SmallImage(Exception):
   """The image is smaller than data.min_size and data.small_image is "reject"."""
 
@@ -41,7 +45,7 @@ def check_small(image, settings: DataSettings):
     return image
   if settings.small_image == "reject":
     raise SmallImage(f"image of size {(h, w)} is below data.min_size={settings.min_size}")
-  return transforms.resize_short_side(image, settings.min_size)
+  return transforms.resize_short_side(image, settings.min_size, _backend(settings))
 
 
 def _factors(settings: DataSettings, rng: np.random.Generator | None) -> np.ndarray | None:
@@ -77,12 +81,13 @@ def _crop_geometry(hw: tuple[int, int], short_side: int | None, crop: int
 
 
 def _resized_crop(image, resized: tuple[int, int], top: int, left: int, crop: int,
-                  out: int) -> np.ndarray:
+                  out: int, backend: str = "pillow") -> np.ndarray:
   """Crop (top, left, crop) of the image resized to `resized`, resampled to out x out, in one
   pass from the source pixels."""
   h, w = transforms.image_hw(image)
   sy, sx = h / resized[0], w / resized[1]
-  return transforms.resized_crop(image, (top * sy, left * sx, crop * sy, crop * sx), (out, out))
+  return transforms.resized_crop(image, (top * sy, left * sx, crop * sy, crop * sx), (out, out),
+                                 backend)
 
 
 def train_crop_pixels(image, settings: DataSettings, out_size: int, rng: np.random.Generator
@@ -93,7 +98,7 @@ def train_crop_pixels(image, settings: DataSettings, out_size: int, rng: np.rand
   resized = _crop_geometry(transforms.image_hw(image), settings.resize_short, crop)
   top = int(rng.integers(0, resized[0] - crop + 1))
   left = int(rng.integers(0, resized[1] - crop + 1))
-  out = _resized_crop(image, resized, top, left, crop, out_size)
+  out = _resized_crop(image, resized, top, left, crop, out_size, _backend(settings))
   return out, bool(settings.flip and rng.random() < 0.5)
 
 
@@ -121,7 +126,7 @@ def full_image_pixels(image, settings: DataSettings, short_side: int, bucket: tu
   image = check_small(image, settings)
   size = transforms.short_side_size(transforms.image_hw(image), short_side)
   size = transforms.fit_to_bucket(size, bucket, settings.min_size)
-  out = transforms.resize(image, size)
+  out = transforms.resize(image, size, _backend(settings))
   return out, bool(rng is not None and settings.flip and rng.random() < 0.5)
 
 
@@ -148,11 +153,11 @@ def eval_views(image, settings: DataSettings, view: ViewSettings,
   if view.kind == "center":
     resized = _crop_geometry(transforms.image_hw(image), view.short_side, view.size)
     top, left = transforms.corner_offsets(resized, view.size)["center"]
-    return [_finish(_resized_crop(image, resized, top, left, view.size, view.size), settings,
-                    None)]
+    return [_finish(_resized_crop(image, resized, top, left, view.size, view.size,
+                                  _backend(settings)), settings, None)]
   if view.kind == "ten_view":
     resized = _crop_geometry(transforms.image_hw(image), view.short_side, view.size)
-    whole = transforms.resize(image, resized)
+    whole = transforms.resize(image, resized, _backend(settings))
     return list(finish(np.stack(transforms.ten_views(whole, view.size)), None, settings))
   if view.kind == "full":
     return [full_image(image, settings, view.short_side, buckets[0])]
@@ -170,7 +175,7 @@ def eval_pixels(image, settings: DataSettings, view: ViewSettings,
   if view.kind == "center":
     resized = _crop_geometry(transforms.image_hw(image), view.short_side, view.size)
     top, left = transforms.corner_offsets(resized, view.size)["center"]
-    return [_resized_crop(image, resized, top, left, view.size, view.size)]
+    return [_resized_crop(image, resized, top, left, view.size, view.size, _backend(settings))]
   if view.kind == "ten_view":
     raise ValueError("ten_view images travel as a canvas: use ten_view_canvas")
   scales = (view.short_side,) if view.kind == "full" else view.scales
@@ -204,7 +209,7 @@ def ten_view_canvas(image, settings: DataSettings, view: ViewSettings
   """
   image = check_small(image, settings)
   resized = _crop_geometry(transforms.image_hw(image), view.short_side, view.size)
-  whole = transforms.resize(image, resized)
+  whole = transforms.resize(image, resized, _backend(settings))
   offsets = transforms.corner_offsets(resized, view.size)
   offsets = np.array([offsets[name] for name in transforms.TEN_VIEW_CORNERS], np.int64)
   transposed = resized[0] > resized[1]

@@ -110,7 +110,9 @@ class BatchMaker:
   def _decode(self, source, record, index):
     """uint8 image and label, or raises sources.ReadError naming the example."""
     try:
-      image = transforms.decode_pil(record[source.image_key], draft_short_side=self._draft())
+      decode = (transforms.decode_cv2 if self.settings.decoder == "opencv"
+                else transforms.decode_pil)
+      image = decode(record[source.image_key], draft_short_side=self._draft())
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad image
       raise sources.ReadError(source.describe(index), e) from e
     return image, int(record[source.label_key])

@@ -15,7 +15,7 @@ import numpy as np
 
 BAD_IMAGE = ("skip", "error")
 SMALL_IMAGE = ("resize", "reject")
-DECODERS = ("pillow", "tfds")
+DECODERS = ("pillow", "opencv", "tfds")  # opencv: also resamples (the detection extra)
 VIEW_KINDS = ("center", "full", "ten_view", "multiscale")
 MODES = ("crop", "full_image")
 BATCH_DTYPES = ("float32", "uint8")  # uint8: the steps normalise on the device (on_device.py)

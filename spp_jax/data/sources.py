@@ -2,7 +2,8 @@
 
 `open_source` returns a `tfds.data_source`-style sequence whose image feature is left encoded
 (`tfds.decode.SkipDecoding`): the pipeline decodes with Pillow itself, so an undecodable image
-is one bad example, not a crashed read. With `data.decoder = "tfds"` TFDS decodes (also with
+is one bad example, not a crashed read (`data.decoder = "opencv"` decodes and resamples with
+OpenCV instead, see `transforms.py`). With `data.decoder = "tfds"` TFDS decodes (also with
 Pillow when TensorFlow is absent); that mode serves sources that cannot hand out raw bytes,
 e.g. `tfds.testing.mock_data`, which needs TensorFlow to encode its fake images.
 
@@ -91,14 +92,12 @@ class Source:
     return len(self.records)
 
   def read(self, indices) -> list:
-    """Records at `indices`; on a read error the failing one raises alone (with its index)."""
-    indices = [int(i) for i in indices]
-    if not indices:
-      return []
-    try:
-      return list(self.records.__getitems__(indices))
-    except Exception:
-      return [self.read_one(i) for i in indices]
+    """Records at `indices`; on a read error the failing one raises alone (with its index).
+
+    One by one: the data source's batched read starts a thread pool per call, which costs
+    more CPU than it saves on local files (the pipeline's own workers give the parallelism).
+    """
+    return [self.read_one(int(i)) for i in indices]
 
   def read_one(self, index: int):
     try:
@@ -138,7 +137,8 @@ def open_source(data_cfg, split: str, *, process_count: int = 1) -> Source:
   settings = data_settings(data_cfg)
   builder = ensure_prepared(settings, process_count=process_count)
   image_key, label_key = feature_keys(builder.info)
-  decoders = ({image_key: tfds.decode.SkipDecoding()} if settings.decoder == "pillow" else None)
+  raw = settings.decoder in ("pillow", "opencv")  # the pipeline decodes the bytes itself
+  decoders = {image_key: tfds.decode.SkipDecoding()} if raw else None
   try:
     records = builder.as_data_source(split=split, decoders=decoders)
   except (AssertionError, FileNotFoundError, KeyError) as e:

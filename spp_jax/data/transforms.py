@@ -1,8 +1,13 @@
 """Image transforms of the training and testing protocols (docs/paper.md §3, §4), numpy + Pillow.
 
 Pure functions on one image: uint8 (H, W, 3) arrays while the geometry changes (Pillow resizes
-uint8 fast), float32 once colours change. Randomness comes in as a `np.random.Generator`, so a
-caller that seeds it from (seed, epoch, position) gets the same augmentation in any process.
+uint8 fast), float32 once colours change. backend="opencv" (data.decoder = "opencv", OpenCV
+from the detection extra) decodes with libjpeg-turbo straight to a numpy array (the same pixels
+as Pillow) and resamples with OpenCV: bilinear when enlarging or shrinking by less than 2x
+(2x2 taps: not antialiased, the small aliasing of TF-style bilinear crops), area averaging when
+shrinking by 2x or more (antialiased); a fractional crop box is rounded to whole source pixels (costs: experiments/benchmarks/input_pipeline.py --jpeg).
+Randomness comes in as a `np.random.Generator`, so a caller that seeds it from (seed, epoch,
+position) gets the same augmentation in any process.
 Sizes are (height, width) everywhere; Pillow's (width, height) stays inside this module.
 """
 
@@ -61,6 +66,32 @@ def decode_pil(data, *, draft_short_side: int | None = None) -> Image.Image:
   return img
 
 
+def decode_cv2(data, *, draft_short_side: int | None = None) -> np.ndarray:
+  """`decode_image` with OpenCV: (H, W, 3) uint8 RGB, JPEG reduced exactly as Pillow's draft
+  reduces it (EXIF orientation ignored, as Pillow does)."""
+  import cv2
+  if isinstance(data, np.ndarray):
+    return to_rgb(data)
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise ValueError(f"image must be encoded bytes or a numpy array, got {type(data).__name__}")
+  flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+  if draft_short_side is not None and bytes(data[:2]) == b"\xff\xd8":  # JPEG
+    h, w = image_size_of(bytes(data))
+    scale = draft_short_side / max(min(h, w), 1)
+    if scale < 1:  # Pillow's rule: the largest of 1/8, 1/4, 1/2 keeping the requested size
+      k = min(w // math.ceil(w * scale), h // math.ceil(h * scale))
+      reduced = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                 2: cv2.IMREAD_REDUCED_COLOR_2}
+      for s in (8, 4, 2):
+        if k >= s:
+          flags |= reduced[s] & ~cv2.IMREAD_COLOR
+          break
+  out = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+  if out is None:
+    raise ValueError("OpenCV cannot decode the image")
+  return out
+
+
 def to_rgb(array: np.ndarray) -> np.ndarray:
   """(H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> (H, W, 3) uint8 (alpha dropped)."""
   a = np.asarray(array)
@@ -86,12 +117,24 @@ def image_size_of(data) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- geometry
 
 
-def resize(image, size: tuple[int, int]) -> np.ndarray:
+def _cv2_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  import cv2
+  h, w = size
+  if image.shape[:2] == (h, w):
+    return image
+  far = h * 2 <= image.shape[0] and w * 2 <= image.shape[1]  # area filter from 2x down
+  return cv2.resize(np.ascontiguousarray(image), (w, h),
+                    interpolation=cv2.INTER_AREA if far else cv2.INTER_LINEAR)
+
+
+def resize(image, size: tuple[int, int], backend: str = "pillow") -> np.ndarray:
   """Bilinear resize of uint8 (H, W, 3) (or a PIL image) to size = (h, w), antialiased when
-  shrinking."""
+  shrinking (backend="opencv": see the module doc)."""
   h, w = int(size[0]), int(size[1])
   if h < 1 or w < 1:
     raise ValueError(f"size must be positive, got size={size}")
+  if backend == "opencv":
+    return _cv2_resize(np.asarray(image), (h, w))
   if isinstance(image, Image.Image):
     return np.asarray(image if image.size == (w, h) else image.resize((w, h), Image.BILINEAR))
   if image.shape[:2] == (h, w):
@@ -99,8 +142,8 @@ def resize(image, size: tuple[int, int]) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
-def resized_crop(image, box: tuple[float, float, float, float], size: tuple[int, int]
-                 ) -> np.ndarray:
+def resized_crop(image, box: tuple[float, float, float, float], size: tuple[int, int],
+                 backend: str = "pillow") -> np.ndarray:
   """The region box = (top, left, height, width) of image (source pixels, fractional ok)
   resampled to size = (h, w) in one bilinear pass (what resizing the whole image and then
   cropping gives, without resizing the rest)."""
@@ -112,6 +155,11 @@ def resized_crop(image, box: tuple[float, float, float, float], size: tuple[int,
     if isinstance(image, Image.Image):
       return np.asarray(image.crop((l, t, l + w, t + h)))
     return image[t:t + h, l:l + w]
+  if backend == "opencv":
+    a = np.asarray(image)
+    t0, l0 = round(top), round(left)
+    t1, l1 = max(t0 + 1, round(top + bh)), max(l0 + 1, round(left + bw))
+    return _cv2_resize(a[t0:t1, l0:l1], (int(size[0]), int(size[1])))
   pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
   out = pil.resize((int(size[1]), int(size[0])), Image.BILINEAR,
                    box=(left, top, left + bw, top + bh))
@@ -135,9 +183,9 @@ def short_side_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
   return max(short_side, round(h * short_side / w)), short_side
 
 
-def resize_short_side(image, short_side: int) -> np.ndarray:
+def resize_short_side(image, short_side: int, backend: str = "pillow") -> np.ndarray:
   """Resizes uint8 (H, W, 3) (or a PIL image) so its short side is `short_side`, aspect kept."""
-  return resize(image, short_side_size(image_hw(image), short_side))
+  return resize(image, short_side_size(image_hw(image), short_side), backend)
 
 
 def crop(image: np.ndarray, top: int, left: int, size: tuple[int, int]) -> np.ndarray:
