@@ -154,7 +154,8 @@ class SPPNet(nnx.Module):
       raise ValueError(
           f"head='fixed' accepts only {self.base_size}x{self.base_size} images (the no-SPP "
           f"baseline), got images of shape {shape}; use head='spp' for other sizes")
-    if min(h, w) < self.min_input_size:
+    # Not min(h, w): symbolic sizes (jax.export) compare only to constants.
+    if h < self.min_input_size or w < self.min_input_size:
       raise ValueError(f"{self.arch.name} needs images of at least {self.min_input_size}x"
                        f"{self.min_input_size} pixels, got images of shape {shape}")
     if image_sizes is None:

@@ -122,7 +122,8 @@ def spatial_pyramid_pool(x: jax.Array, levels: Sequence[Level], *, pooling: str 
   """Spatial pyramid pooling of a batch of feature maps.
 
   Args:
-    x: (N, H, W, C) feature maps, any float dtype.
+    x: (N, H, W, C) feature maps, any float dtype. N, H and W may be symbolic (jax.export,
+      pooling "max"): bins are then floor/ceil expressions of them.
     levels: entries n (n x n bins) or (nh, nw); static.
     pooling: "max" (starts from -inf) or "avg" (mean of the bin's cells).
     valid_sizes: optional (N, 2) ints (h, w): example i occupies x[i, :h, :w], the rest is
@@ -135,6 +136,9 @@ def spatial_pyramid_pool(x: jax.Array, levels: Sequence[Level], *, pooling: str 
   """
   norm_levels = normalize_levels(levels)
   n, h, w, _ = check_pooling_input("x", x, pooling)
+  if pooling == "avg" and not (_is_int(h) and _is_int(w)):
+    raise ValueError(f"avg pooling needs static (int) map sizes, got {h} x {w}; symbolic "
+                     f"sizes (jax.export) are supported with pooling='max'")
   if valid_sizes is None:
     return _spp_static(x, norm_levels, pooling)
   _check_valid_sizes(valid_sizes, n, h, w)
