@@ -129,11 +129,11 @@ def parse_topology(name: str) -> tuple[str, int | None]:
     gen = m.group(1)
     if gen not in HOST_TOPOLOGY:
       raise DeviceError(f"unknown TPU generation {gen!r} in --topology={name}; known: "
-                      f"{', '.join(HOST_TOPOLOGY)}")
+                        f"{', '.join(HOST_TOPOLOGY)}")
     return f"{gen}:{HOST_TOPOLOGY[gen]}", int(m.group(2))
   if ":" not in name:
-    raise DeviceError(f"--topology={name}: expected 'local', a libtpu topology like v5e:2x2, "
-                    f"or GEN-N like v5e-1")
+    raise DeviceError(f"--topology={name}: expected 'local', a libtpu topology like "
+                      f"v5e:2x2, or GEN-N like v5e-1")
   return name, None
 
 
@@ -141,13 +141,13 @@ def tpu_devices(topology: str) -> list:
   """Every compile-only device of a libtpu topology (libtpu loaded without a chip)."""
   path = libtpu_path()
   if path is None:
-    raise DeviceError(f"libtpu is not installed: pip install -e '.[tpu]', or set ${LIBTPU_ENV} "
-                    f"to a directory holding it")
+    raise DeviceError(f"libtpu is not installed: pip install -e '.[tpu]', or set "
+                      f"${LIBTPU_ENV} to a directory holding it")
   os.environ["TPU_SKIP_MDS_QUERY"] = "1"  # Read by libtpu as it loads: no metadata server.
   # libtpu's lockfile guards a chip; compile-only devices have none, so plans may run at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ["TPU_LIBRARY_PATH"] = path
-  from jax.experimental import topologies  # noqa: PLC0415 - loads libtpu's plugin on use
+  from jax.experimental import topologies
 
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)

@@ -1,8 +1,8 @@
 """Plan figures (XLA's bytes accessed, FLOPs, temporaries) of the old and the new kernels, side
 by side, compiled for a TPU without a chip (spp_jax.plan).
 
-    python experiments/benchmarks/plan_kernels.py                      # ops, v5e-1
-    python experiments/benchmarks/plan_kernels.py --steps              # + whole ZF-5 steps (minutes)
+    python experiments/benchmarks/plan_kernels.py             # the ops, on one v5e chip
+    python experiments/benchmarks/plan_kernels.py --steps     # and the ZF-5 steps (minutes)
     python experiments/benchmarks/plan_kernels.py --old 9b6dca2 --new HEAD --topology v5e-1
 
 "old" and "new" are two versions of this repository: git revisions (exported with `git
