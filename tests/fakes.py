@@ -119,12 +119,20 @@ def _example(index: int, h: int, w: int, num_classes: int) -> tuple[np.ndarray, 
 
 
 class EpochIterator:
-  """One epoch of batches with get_state/set_state (the position in the epoch)."""
+  """One epoch of batches with get_state/set_state (the position in the epoch).
 
-  def __init__(self, make_batch, num_batches: int):
+  `skipped` / `rejected` count what the data module would have left out (undecodable / too
+  small images): with left_out_every=k, batch i counts one skipped image when i % k == 0 and
+  one rejected when i % k == 1 (the batches themselves are unchanged).
+  """
+
+  def __init__(self, make_batch, num_batches: int, left_out_every: int = 0):
     self._make_batch = make_batch
     self._num_batches = num_batches
     self._next = 0
+    self._every = left_out_every
+    self.skipped = 0
+    self.rejected = 0
 
   def __iter__(self):
     return self
@@ -133,6 +141,9 @@ class EpochIterator:
     if self._next >= self._num_batches:
       raise StopIteration
     batch = self._make_batch(self._next)
+    if self._every:
+      self.skipped += self._next % self._every == 0
+      self.rejected += self._next % self._every == 1
     self._next += 1
     return batch
 
@@ -154,8 +165,10 @@ class SyntheticData:
   have sizes between half the bucket and the bucket.
   """
 
-  def __init__(self, num_train: int = 64, num_eval: int = 20, num_classes: int = 4):
+  def __init__(self, num_train: int = 64, num_eval: int = 20, num_classes: int = 4,
+               left_out_every: int = 0):
     self.sizes = dict(num_train=num_train, num_eval=num_eval, num_classes=num_classes)
+    self.left_out_every = left_out_every  # see EpochIterator
 
   def _get(self, data_cfg, key):
     del data_cfg
@@ -203,7 +216,7 @@ class SyntheticData:
       return dict(image=images, label=labels, image_size=sizes,
                   mask=np.ones((batch_size,), np.float32))
 
-    return EpochIterator(make_batch, n // global_batch)
+    return EpochIterator(make_batch, n // global_batch, self.left_out_every)
 
   def eval_iterator(self, data_cfg, view, *, batch_size: int, process_index: int = 0,
                     process_count: int = 1):
@@ -228,7 +241,7 @@ class SyntheticData:
         mask[i] = 1.0
       return dict(image=images, label=labels, image_size=sizes, mask=mask)
 
-    return EpochIterator(make_batch, num_batches)
+    return EpochIterator(make_batch, num_batches, self.left_out_every)
 
 
 def tiny_config(**overrides):
@@ -294,11 +307,13 @@ def main(argv=None) -> int:
 
   python tests/fakes.py --workdir W [--set train.batch_size=16 ...] [--delay S]
       [--coordinator host:port --num-processes N --process-id I]
-  Prints one line "RESULT <json>" with the results (and "CONFIG_ERROR <msg>" for a bad config).
+  Prints one line "RESULT <json>" with the results; an expected failure is main.py's
+  "error: ..." (and "hint: ...") on stderr with exit status 1; SIGINT exits with 130.
   """
   import argparse
   import json
   import logging
+  import sys
 
   parser = argparse.ArgumentParser()
   parser.add_argument("--workdir", required=True)
@@ -310,6 +325,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("spp_jax").setLevel(logging.INFO)
+  from spp_jax import errors
+
+  errors.quiet_library_errors()
 
   overrides = {}
   for item in args.set:
@@ -324,17 +342,21 @@ def main(argv=None) -> int:
     config.distributed.num_processes = args.num_processes
     config.distributed.process_id = args.process_id
 
-  from spp_jax.train import ConfigError, train_and_evaluate
+  from spp_jax.train import train_and_evaluate
 
   data = SlowData(args.delay) if args.delay else SyntheticData()
   try:
     results = train_and_evaluate(config, args.workdir, models=TinyModels(), data=data)
-  except ConfigError as e:
-    print("CONFIG_ERROR " + str(e).replace("\n", " "), flush=True)
-    return 3
+  except errors.InterruptedRun as e:
+    print(f"interrupted: {e}", file=sys.stderr, flush=True)
+    return 130
+  except Exception as e:  # noqa: BLE001 - as main.py: expected failures are one line
+    if not errors.expected(e):
+      raise
+    errors.report(e)
+    return 1
   print("RESULT " + json.dumps(results), flush=True)
   return 0
-
 
 if __name__ == "__main__":
   raise SystemExit(main())

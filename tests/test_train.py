@@ -45,7 +45,13 @@ def test_end_to_end_outputs(full_run):
   views = ("center", "full", "ten_view")
   assert set(results) == {f"{v}/{k}" for v in views for k in ("top1", "top5")}
   with open(workdir / "results.json", encoding="utf-8") as f:
-    assert json.load(f) == results
+    saved = json.load(f)
+  left_out = saved.pop("images_left_out")
+  assert saved == results
+  # Images left out per split and view (the synthetic data leaves none out).
+  assert left_out == {"train": {"split": "train", "skipped": 0, "rejected": 0},
+                      "eval": {v: {"split": "validation", "skipped": 0, "rejected": 0}
+                               for v in views}}
   # The synthetic task is easy: well above chance (0.25) after 16 steps; top-5 of 4 classes is 1.
   assert results["center/top1"] >= 0.5
   assert results["center/top5"] == 1.0
@@ -297,7 +303,8 @@ def test_eval_step_averages_views_and_masks_padding():
   labels[4:] = probs_pad.mean(1).argmax(-1)
 
   graphdef, state = nnx.split(_LogitsFromPixel())
-  step = make_eval_step(graphdef, use_image_sizes=False)
+  step = make_eval_step(graphdef, use_image_sizes=False, view=view("c", "center"),
+                        data=default_config().data)  # float32 views pass through
 
   class _State:
     params, rngs, other = state, nnx.State({}), nnx.State({})

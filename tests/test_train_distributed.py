@@ -1,7 +1,7 @@
 """Training across devices and processes, and SIGTERM, in subprocesses (tens of seconds).
 
-Each subprocess runs `python -m spp_jax.train.testing` (tiny stand-in model and data) with its
-own XLA_FLAGS, so this pytest process keeps its single CPU device.
+Each subprocess runs `python tests/fakes.py` (tiny stand-in model and data) with its own
+XLA_FLAGS, so this pytest process keeps its single CPU device.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def test_eight_fake_devices_match_one_device(tmp_path):
   # Dropout masks do not depend on the layout: the runs differ only by float rounding.
   _assert_params_close(load_params(tmp_path / "eight"), load_params(tmp_path / "one"), 1e-5)
   rc, out = _finish(bad)
-  assert rc == 3 and "CONFIG_ERROR config.train.batch_size=12" in out, out[-3000:]
-  assert "8 devices" in out
+  assert rc == 1 and "error: config.train.batch_size=12" in out, out[-3000:]
+  assert "8 devices" in out and "Traceback" not in out
   assert not (tmp_path / "bad").exists()
 
 
@@ -161,3 +161,62 @@ def test_sigkill_then_resume_from_last_checkpoint_matches_uninterrupted(tmp_path
   jax.tree.map(np.testing.assert_array_equal, load_params(workdir), load_params(reference[0]))
   events = [json.loads(line).get("event") for line in open(workdir / "metrics.jsonl")]
   assert "resume" in events
+
+
+def test_sigint_saves_exits_130_and_resume_matches_uninterrupted(tmp_path, reference):
+  proc = _worker(tmp_path / "int", 1, "train.num_epochs=4", extra=["--delay", "0.3"])
+  _wait_for_event(tmp_path / "int" / "metrics.jsonl", "first_step")
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGINT)
+  rc, out = _finish(proc, timeout=120)
+  assert rc == 130, out[-3000:]
+  assert "Traceback" not in out
+  with open(tmp_path / "int" / "metrics.jsonl", encoding="utf-8") as f:
+    stopped = [r for r in map(json.loads, f) if r.get("event") == "stopped"]
+  assert len(stopped) == 1 and stopped[0]["reason"] == "SIGINT"
+  step = stopped[0]["step"]
+  assert f"interrupted: interrupted (SIGINT) at step {step}; checkpoint saved in" in out
+  assert str(step) in os.listdir(tmp_path / "int" / "checkpoints")
+  assert _in_process(tmp_path / "int", **{"train.num_epochs": 4}) == reference[1]
+  jax.tree.map(np.testing.assert_array_equal, load_params(tmp_path / "int"),
+               load_params(reference[0]))
+
+
+def test_second_sigint_aborts_at_once(tmp_path, reference):
+  proc = _worker(tmp_path / "int2", 1, "train.num_epochs=4", "train.checkpoint_every_steps=3",
+                 extra=["--delay", "1.0"])
+  _wait_for_event(tmp_path / "int2" / "metrics.jsonl", "first_step")
+  time.sleep(3.5)  # a checkpoint at step 3
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.1)  # the first one waits for the batch being read (1 s)
+  start = time.time()
+  proc.send_signal(signal.SIGINT)
+  rc, out = _finish(proc, timeout=60)
+  seconds = time.time() - start
+  assert rc == -signal.SIGINT, out[-3000:]  # killed by the signal's default action
+  assert seconds < 1.0, seconds
+  assert _in_process(tmp_path / "int2", **{"train.num_epochs": 4,
+                                           "train.checkpoint_every_steps": 3}) == reference[1]
+  jax.tree.map(np.testing.assert_array_equal, load_params(tmp_path / "int2"),
+               load_params(reference[0]))
+
+
+def test_damaged_checkpoint_falls_back_and_ends_as_uninterrupted(tmp_path, reference):
+  import test_workdir_checkpoints as ck
+
+  workdir = tmp_path / "damaged"
+  rc, out = _finish(_worker(workdir, 1, "train.num_epochs=4", "train.stop_at_step=20"))
+  assert rc == 0, out[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["15", "20"]
+  ck.damage(ck._array_file(workdir / "checkpoints" / "20"), 0.5)
+  rc, out = _finish(_worker(workdir, 1, "train.num_epochs=4"))
+  assert rc == 0, out[-3000:]
+  assert "checkpoint at step 20" in out and "failed verification" in out
+  assert "resuming from the older checkpoint at step 15" in out
+  assert _result(out) == reference[1]
+  jax.tree.map(np.testing.assert_array_equal, load_params(workdir), load_params(reference[0]))
+  (moved,) = os.listdir(workdir / "checkpoints" / "corrupt")
+  assert moved.startswith("20-")
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    train_steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
+  assert train_steps == sorted(set(train_steps)) == [4, 8, 12, 16, 20, 24, 28, 32]

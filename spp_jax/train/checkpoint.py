@@ -1,14 +1,18 @@
-"""Checkpoints in workdir/checkpoints with orbax's CheckpointManager.
+"""Checkpoints in workdir/checkpoints with orbax's CheckpointManager, verified on restore.
 
-One checkpoint holds three items:
-  state  the TrainState (parameters, optimiser state, step, dropout keys) as a nested dict of
-         arrays: the tree is flattened by path so any pytree (nnx.State, optax tuples) saves the
-         same way, and typed PRNG keys are stored as their raw uint32 data;
-  meta   JSON: step, epoch, batches done in that epoch, the epoch's input size;
-  data   this process's input iterator state, one JSON file per process (every process reads
-         its own slice of the data set, so each has its own position).
-Saving is synchronous: the next step donates the state's buffers. orbax is imported on the
-first save or restore (0.15 s), not on the way to a fresh run's first step.
+One checkpoint holds four items:
+  state     the TrainState (parameters, optimiser state, step, dropout keys) as a nested dict
+            of arrays: the tree is flattened by path so any pytree (nnx.State, optax tuples)
+            saves the same way, and typed PRNG keys are stored as their raw uint32 data;
+  meta      JSON: step, epoch, the epoch's input size;
+  data      this process's input position, one JSON file per process (every process reads
+            its own slice of the data set, so each has its own position), with its CRC-32;
+  manifest  shapes, dtypes and CRC-32s of the state's arrays and of meta (train/integrity.py).
+A state holding a NaN or an inf is never saved. A checkpoint that fails to read or to verify
+is moved to checkpoints/corrupt/<step>-<time> (never deleted) and the next older one is
+tried; when none is left that is an error, not a fresh start. Saving is synchronous: the next
+step donates the state's buffers. orbax is imported on the first save or restore (0.15 s),
+not on the way to a fresh run's first step.
 """
 
 from __future__ import annotations
@@ -16,14 +20,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from spp_jax.errors import (DamagedCheckpointError, DiskFullError, NonFiniteLossError,
+                            is_disk_full, one_line)
+from spp_jax.train import integrity
 from spp_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+ITEMS = ("state", "meta", "data", "manifest")
+CORRUPT_DIR = "corrupt"
 
 # ----------------------------------------------------------------------------- pytree <-> dict
 
@@ -67,7 +79,7 @@ def to_nested(tree) -> dict:
   return _nest([(p, jax.random.key_data(x) if _is_prng_key(x) else x) for p, x in _paths(tree)])
 
 
-def _abstract_nested(abstract_tree) -> dict:
+def abstract_nested(abstract_tree) -> dict:
   def leaf(x):
     if _is_prng_key(x):
       data = jax.eval_shape(jax.random.key_data, x)
@@ -93,6 +105,7 @@ def _key_impl(ref):
   return getattr(impl, "name", None) or None
 
 
+
 # ----------------------------------------------------------------------------- manager
 
 
@@ -101,6 +114,7 @@ class Restored:
   state: TrainState
   meta: dict
   data: Any
+  step: int
 
 
 def _ocp():
@@ -111,11 +125,20 @@ def _ocp():
   return ocp
 
 
+def _all_processes_agree(ok: bool) -> bool:
+  """True when ok on every process (a damaged file may be read by one host only)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class Checkpointer:
   """Saves and restores (TrainState, meta, iterator state) in `directory`, keeping `keep`."""
 
   def __init__(self, directory: str, keep: int):
     self.directory = os.path.abspath(directory)
+    self.corrupt_dir = os.path.join(self.directory, CORRUPT_DIR)
     self._keep = keep
     self._created = None
 
@@ -123,75 +146,211 @@ class Checkpointer:
   def _manager(self):
     if self._created is None:
       ocp = _ocp()
+      # Removing unfinished saves is safe: the workdir lock excludes a second writer.
       options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
-                                             enable_async_checkpointing=False)
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True)
       self._created = ocp.CheckpointManager(self.directory, options=options,
-                                            item_names=("state", "meta", "data"))
+                                            item_names=ITEMS)
     return self._created
 
-  def latest_step(self) -> int | None:
-    if not os.path.isdir(self.directory) or not os.listdir(self.directory):
-      return None  # A fresh run: no need for orbax yet.
-    return self._manager.latest_step()
+  def steps(self) -> list[int]:
+    """Every finished checkpoint's step, oldest first."""
+    if not os.path.isdir(self.directory) or not any(
+        n.isdigit() for n in os.listdir(self.directory)):
+      return []  # No checkpoint: no need for orbax yet.
+    return sorted(self._manager.all_steps())
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+  def latest_step(self) -> int | None:
+    steps = self.steps()
+    return steps[-1] if steps else None
+
+  def last_good(self) -> str:
+    """For error messages: where the run can resume from."""
+    latest = self.latest_step()
+    if latest is None:
+      return f"No checkpoint was saved yet in {self.directory}"
+    return f"The last good checkpoint is step {latest} in {self.directory}"
+
+  def moved_aside(self) -> list[str]:
+    return sorted(os.listdir(self.corrupt_dir)) if os.path.isdir(self.corrupt_dir) else []
+
+  def manifest(self, step: int) -> dict | None:
+    """The checkpoint's manifest, None when it cannot be read or trusted."""
+    ocp = _ocp()
+    try:
+      got = self._manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))
+    except Exception:  # noqa: BLE001 - damage of any kind; restore_latest says which
+      return None
+    return None if integrity.manifest_problem(got.manifest) else dict(got.manifest)
 
   def save(self, state: TrainState, meta: dict, data_state: Any) -> int:
+    """Saves at meta["step"] unless a checkpoint of that step exists.
+
+    Raises:
+      NonFiniteLossError when a floating-point array of the state holds a NaN or an inf.
+      DiskFullError when the device of the directory is full (earlier checkpoints are intact).
+    """
     step = int(meta["step"])
-    if step in self._manager.all_steps():
+    if step in self.steps():
       return step  # Already saved at this step (e.g. the end of an epoch that was a save step).
+    nested = to_nested(state)
+    bad = integrity.non_finite(nested)
+    if bad:
+      shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+      raise NonFiniteLossError(
+          f"the train state became non-finite by step {step} (NaN or inf in {shown}); not "
+          f"saved. {self.last_good()}",
+          hint="lower optimizer.learning_rate, use float32 parameters, or check the inputs")
     ocp = _ocp()
     from spp_jax.train.process_json import ProcessJsonSave
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_nested(state)),
-        meta=ocp.args.JsonSave(meta),
-        data=ProcessJsonSave(data_state)), force=True)
-    self._manager.wait_until_finished()
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(nested), meta=ocp.args.JsonSave(meta),
+        data=ProcessJsonSave(data_state),
+        manifest=ocp.args.JsonSave(integrity.make_manifest(nested, meta)))
+    try:
+      self._manager.save(step, args=args, force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:
+      if is_disk_full(e):
+        raise DiskFullError(self.directory, f"saving the checkpoint at step {step}",
+                            hint=f"free space there; checkpoints {self.steps()} are intact "
+                                 f"and the next run resumes from the latest") from e
+      raise
     log.info("saved checkpoint at step %d in %s", step, self.directory)
     return step
 
-  def restore(self, step: int, abstract_state: TrainState) -> Restored:
+  def _read(self, step: int, abstract_state: TrainState) -> tuple[Restored | None, str | None]:
+    """(restored, None), or (None, why the checkpoint at step cannot be used)."""
     ocp = _ocp()
     from spp_jax.train.process_json import ProcessJsonRestore
-    got = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract_nested(abstract_state)),
-        meta=ocp.args.JsonRestore(),
-        data=ProcessJsonRestore()))
+    manifest = self.manifest(step)
+    if manifest is None:
+      return None, "its checksum manifest is missing or damaged"
+    target = abstract_nested(abstract_state)
+    differences = integrity.shape_differences(manifest, target)
+    if differences:  # Not damage: the config builds another network than the one saved.
+      from spp_jax.train.config_schema import ConfigError
+      raise ConfigError(f"the checkpoint at step {step} in {self.directory} holds arrays of "
+                        f"other shapes than this config's: {'; '.join(differences[:3])}")
+    try:
+      got = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
+          data=ProcessJsonRestore()))
+    except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types for bad files
+      return None, f"unreadable ({type(e).__name__}: {one_line(str(e))[:200]})"
+    problem = integrity.verify(manifest, got.state, dict(got.meta))
+    if problem:
+      return None, problem
     return Restored(state=from_nested(got.state, abstract_state), meta=dict(got.meta),
-                    data=got.data)
+                    data=got.data, step=step), None
+
+  def restore(self, step: int, abstract_state: TrainState) -> Restored:
+    """The verified checkpoint at step (nothing is moved).
+
+    Raises:
+      DamagedCheckpointError saying why it failed.
+    """
+    restored, problem = self._read(step, abstract_state)
+    if problem is not None:
+      raise DamagedCheckpointError(
+          f"the checkpoint at step {step} in {self.directory} failed verification: {problem}")
+    return restored
+
+  def restore_latest(self, abstract_state: TrainState) -> Restored | None:
+    """The newest checkpoint that verifies; damaged newer ones are moved aside with a warning.
+
+    Returns:
+      None when the directory holds no checkpoint and none was ever moved aside.
+    Raises:
+      DamagedCheckpointError when checkpoints exist (or were moved aside) but none verifies.
+    """
+    failed = []
+    for step in reversed(self.steps()):
+      restored, problem = self._read(step, abstract_state)
+      if _all_processes_agree(problem is None):
+        if failed:
+          log.warning("resuming from the older checkpoint at step %d", step)
+        return restored
+      failed.append(f"step {step} ({problem or 'failed on another process'})")
+      self._move_aside(step, problem)
+    if failed or self.moved_aside():
+      raise DamagedCheckpointError(
+          f"no good checkpoint left in {self.directory}"
+          + (f": {'; '.join(failed)}" if failed else "")
+          + f"; damaged checkpoints are in {self.corrupt_dir}",
+          hint=f"restore a checkpoint from a backup, or move {self.corrupt_dir} away to train "
+               f"this workdir from scratch")
+    return None
+
+  def _move_aside(self, step: int, problem: str | None):
+    source = os.path.join(self.directory, str(step))
+    target = os.path.join(self.corrupt_dir, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(self.corrupt_dir, exist_ok=True)
+      shutil.move(source, target)
+      log.warning("checkpoint at step %d in %s failed verification (%s); moved to %s", step,
+                  self.directory, problem or "on another process", target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"spp_jax checkpoint {step} moved aside")
+    self._manager.reload()
 
   def close(self):
     if self._created is not None:
-      self._created.wait_until_finished()
-      self._created.close()
+      manager, self._created = self._created, None
+      try:
+        manager.wait_until_finished()
+        manager.close()
+      except Exception as e:  # noqa: BLE001 - a failed save already raised its own error
+        log.debug("closing the checkpoint manager: %s", e)
 
 
-def load_params(workdir: str, step: int | None = None) -> dict:
-  """The saved parameters as a nested dict of numpy arrays, e.g. params["fc6"]["kernel"].
-
-  Needs no model or mesh.
-
-  For comparing runs and for notebooks; `step` None means the latest checkpoint.
-  """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+def _read_only_restore(directory: str, step: int | None):
+  """(step, nested state, meta, manifest) of a checkpoint, read with the shapes it was saved
+  with (no model, mesh or config needed)."""
   ocp = _ocp()
   from spp_jax.train.process_json import ProcessJsonHandler
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-              "data": ProcessJsonHandler()}
+              "data": ProcessJsonHandler(), "manifest": ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(directory, item_handlers=handlers,
                              options=ocp.CheckpointManagerOptions(
                                  read_only=True, create=False, save_interval_steps=0)) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
-      raise ValueError(f"no checkpoint in {directory}")
+      raise DamagedCheckpointError(f"no checkpoint in {directory}")
     meta = manager.item_metadata(step)["state"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           meta, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
     got = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-  return _strip_value(jax.tree.map(np.asarray, got.state["params"]))
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
+        manifest=ocp.args.JsonRestore()))
+  return step, got.state, dict(got.meta), got.manifest
+
+
+def load_params(workdir: str, step: int | None = None) -> dict:
+  """The saved parameters as a nested dict of numpy arrays, e.g. params["fc6"]["kernel"].
+
+  Needs no model or mesh. For comparing runs and for notebooks; `step` None means the latest
+  checkpoint. The checkpoint is verified against its checksums.
+
+  Raises:
+    DamagedCheckpointError when there is no checkpoint or it fails verification.
+  """
+  directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+  try:
+    step, state, meta, manifest = _read_only_restore(directory, step)
+  except DamagedCheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001
+    raise DamagedCheckpointError(f"cannot read the checkpoint in {directory}: "
+                                 f"{type(e).__name__}: {one_line(str(e))[:200]}") from e
+  problem = integrity.verify(manifest, state, meta)
+  if problem:
+    raise DamagedCheckpointError(f"the checkpoint at step {step} in {directory} failed "
+                                 f"verification: {problem}")
+  return _strip_value(jax.tree.map(np.asarray, state["params"]))
 
 
 def _strip_value(tree):
@@ -227,11 +386,12 @@ def load_model(config, workdir: str, *, step: int | None = None, models=None,
   rep = parallel.replicated(parallel.make_mesh())
   abstract = state_lib.abstract_train_state(models, config.model, num_classes,
                                             int(config.seed), tx, rep)
-  checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=1_000)
+  checkpointer = Checkpointer(os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints"),
+                              keep=1_000)
   try:
     step = checkpointer.latest_step() if step is None else step
     if step is None:
-      raise ValueError(f"no checkpoint in {checkpointer.directory}")
+      raise DamagedCheckpointError(f"no checkpoint in {checkpointer.directory}")
     state = checkpointer.restore(step, abstract).state
   finally:
     checkpointer.close()

@@ -1,8 +1,10 @@
 """train_and_evaluate: the multi-size, data-parallel training loop with resume and evaluation.
 
-Order of work, so that mistakes cost seconds: config checks (no compilation, no data), the
-workdir's saved config, the data set, the train state (fresh or restored), then epochs. Each
-epoch has one input size (SPEC §3: "alternate" 224/180, or "uniform" in a range) or, in
+Order of work, so that mistakes cost seconds and a failed start leaves the workdir as it was:
+config checks (no compilation, no data), the workdir's lock and saved config, the data set's
+facts, the network and the saved shapes (train/preflight.py), the train state (fresh, or the
+newest checkpoint that verifies), and only then config.json and the records; then epochs.
+Each epoch has one input size (SPEC §3: "alternate" 224/180, or "uniform" in a range) or, in
 full-image mode, a few padded bucket shapes; each distinct batch shape compiles once.
 
 The host never waits for the device except to log, to checkpoint, and to keep at most
@@ -12,12 +14,9 @@ MAX_INFLIGHT steps queued, so reading the next batch overlaps the current step.
 from __future__ import annotations
 
 import collections
-import copy
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
@@ -25,12 +24,13 @@ import jax
 import numpy as np
 
 from spp_jax import runtime
-from spp_jax.train import cluster, parallel, schedules, state as state_lib, workdir as workdir_lib
-from spp_jax.train.checkpoint import Checkpointer
+from spp_jax.errors import InterruptedRun, NonFiniteLossError
+from spp_jax.train import cluster, parallel, preflight, schedules, state as state_lib
+from spp_jax.train import workdir as workdir_lib
 from spp_jax.train.compile_log import CompileLog, CompileRecord, describe
-from spp_jax.train.config_schema import ConfigError
 from spp_jax.train.evaluate import Evaluator
 from spp_jax.train.interfaces import DataSource, ModelRegistry
+from spp_jax.train.lock import WorkdirLock
 from spp_jax.train.metrics import MetricWriter, Progress
 from spp_jax.train.model import default_registry
 from spp_jax.train.preemption import StopSignal
@@ -40,22 +40,15 @@ from spp_jax.train.validation import validate_config
 log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 2
-RESULTS_FILE = "results.json"
+RESULTS_FILE = workdir_lib.RESULTS_FILE
+prepared_data_config = preflight.prepared_data_config
+_HINT = "lower optimizer.learning_rate, or check the inputs"
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradients became NaN/inf; the last good checkpoint is kept."""
-
-
-def prepared_data_config(config, min_input_size: int):
-  """config.data plus what the trainer decides: min_size, shuffle_seed, mode."""
-  data_cfg = copy.deepcopy(config.data)
-  with data_cfg.unlocked():
-    data_cfg.min_size = min_input_size  # The data module resizes up or rejects smaller images.
-    if data_cfg.get("shuffle_seed") is None:
-      data_cfg.shuffle_seed = config.seed
-    data_cfg.mode = config.train.mode
-  return data_cfg
+def augment_key(seed: int) -> jax.Array:
+  """The key that colour alteration on the device folds each step into (not the params' or
+  dropout's stream)."""
+  return jax.random.fold_in(jax.random.key(seed), 0xC0105)
 
 
 class _Clock:
@@ -72,34 +65,68 @@ class _Clock:
     return time.perf_counter() - self._start - (self.excluded - self._excluded0)
 
 
+def _no_images_left_out() -> dict[str, int]:
+  return {"skipped": 0, "rejected": 0}
+
+
+def _left_out(it) -> dict[str, int]:
+  """Examples an iterator left out: undecodable (skipped) or too small (rejected)."""
+  return {k: int(getattr(it, k, 0) or 0) for k in ("skipped", "rejected")}
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+  return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}
+
+
 @dataclasses.dataclass
 class _Position:
-  """Where training is: global step, epoch, and the input iterator's state inside the epoch."""
+  """Where training is: global step, epoch, the input iterator's state inside the epoch, and
+  the training images this process left out before the current iterator."""
   step: int
   epoch: int
   data_state: Any = None
   size: int | None = None
+  left_out: dict[str, int] = dataclasses.field(default_factory=_no_images_left_out)
 
   def meta(self) -> dict[str, Any]:
     return dict(step=self.step, epoch=self.epoch, size=self.size)
 
 
-def train_and_evaluate(config, workdir: str, *, models: ModelRegistry | None = None,
+class _CountingData:
+  """The data module, remembering each eval view's iterator (for the images it left out)."""
+
+  def __init__(self, data: DataSource):
+    self._data = data
+    self.eval_iterators: dict[str, Any] = {}
+
+  def __getattr__(self, name):
+    return getattr(self._data, name)
+
+  def eval_iterator(self, data_cfg, view, **kwargs):
+    it = self._data.eval_iterator(data_cfg, view, **kwargs)
+    self.eval_iterators[view.name] = it
+    return it
+
+
+def train_and_evaluate(config, workdir, *, models: ModelRegistry | None = None,
                        data: DataSource | None = None) -> dict[str, float]:
   """Trains config's network on config's data in workdir, resuming from its checkpoints.
 
   Args:
     config: an ml_collections.ConfigDict (schema: spp_jax.train.config_schema).
-    workdir: checkpoints/, tensorboard/, metrics.jsonl, config.json and results.json go here.
+    workdir: checkpoints/, tensorboard/, metrics.jsonl, config.json and results.json go here
+      (train/workdir.py); one run at a time (train/lock.py).
     models, data: the model registry and data module (default spp_jax.models and
       spp_jax.data); tests pass fakes with the same interfaces (train/interfaces.py).
   Returns:
     The final evaluation {"<view>/top1": fraction, "<view>/top5": fraction}, also written to
-    workdir/results.json; {} when the run stopped early (SIGTERM or train.stop_at_step) after
-    saving a checkpoint from which the next call resumes.
+    workdir/results.json with the images left out; {} when the run stopped early (SIGTERM or
+    train.stop_at_step) after saving a checkpoint from which the next call resumes.
   Raises:
-    ConfigError for a bad config (before anything is compiled), or a workdir holding a run
-    with an incompatible config; NonFiniteLossError when the loss stops being finite.
+    spp_jax.errors.ExpectedError subclasses and ConfigError for expected failures, each with a
+    one-line message: ConfigError (bad config, or a workdir holding an incompatible run),
+    WorkdirLockedError, DataError, DamagedCheckpointError, DiskFullError, NonFiniteLossError.
+    InterruptedRun (a KeyboardInterrupt) after saving, on SIGINT.
   """
   t_start = time.time()
   runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
@@ -110,63 +137,64 @@ def train_and_evaluate(config, workdir: str, *, models: ModelRegistry | None = N
     from spp_jax import data
   spec = validate_config(config, device_count=jax.device_count(),
                          process_count=jax.process_count(), models=models)
-  workdir = os.path.abspath(workdir)
-  workdir_lib.check_and_save_config(config, workdir, write=jax.process_index() == 0)
-  trainer = _Trainer(config, workdir, models, data, spec.min_input_size, t_start)
-  try:
-    return trainer.run()
-  finally:
-    trainer.close()
+  wd = workdir_lib.Workdir.of(workdir)
+  with WorkdirLock(wd.root, enabled=jax.process_index() == 0):
+    saved = workdir_lib.check_config(config, wd)
+    setup = preflight.prepare(config, wd, models, data, spec, saved)
+    trainer = _Trainer(config, wd, models, data, setup, t_start)
+    try:
+      return trainer.run()
+    finally:
+      trainer.close()
 
 
 class _Trainer:
-  """State of one train_and_evaluate call; `run` is the loop."""
+  """State of one train_and_evaluate call; `run` is the loop. Writes nothing until `_commit`."""
 
-  def __init__(self, config, workdir, models: ModelRegistry, data: DataSource,
-               min_input_size: int, t_start: float):
+  def __init__(self, config, wd: workdir_lib.Workdir, models: ModelRegistry, data: DataSource,
+               setup: preflight.RunSetup, t_start: float):
     self.config = config
-    self.workdir = workdir
+    self.wd = wd
     self.models = models
-    self.data = data
+    self.data = _CountingData(data)
+    self.setup = setup
     self.t_start = t_start
     self.is_main = jax.process_index() == 0
     self.seed = int(config.seed)
     self.mode = config.train.mode
     self.num_epochs = int(config.train.num_epochs)
-
-    self.data_cfg = prepared_data_config(config, min_input_size)
-    self.num_classes = int(data.num_classes(self.data_cfg))
+    self.data_cfg = setup.data_cfg
+    self.num_classes = setup.num_classes
     self.global_batch = int(config.train.batch_size)
     self.local_batch = parallel.local_batch_size(self.global_batch)
-    self.steps_per_epoch = int(data.steps_per_epoch(self.data_cfg, self.global_batch,
-                                                    mode=self.mode))
-    if self.steps_per_epoch < 1:
-      raise ConfigError(
-          f"config.train.batch_size={self.global_batch} is larger than the training split "
-          f"({data.num_examples(self.data_cfg, self.data_cfg.train_split)} examples)")
+    self.steps_per_epoch = setup.steps_per_epoch
     self.total_steps = self.steps_per_epoch * self.num_epochs
-    self.lr_schedule = schedules.learning_rate_schedule(config.optimizer, self.steps_per_epoch,
-                                                        self.num_epochs)
-    self.tx = schedules.make_optimizer(config.optimizer, self.lr_schedule)
+    self.lr_schedule, self.tx = setup.lr_schedule, setup.tx
 
-    self.mesh = parallel.make_mesh()
+    self.mesh = setup.mesh
     self.rep = parallel.replicated(self.mesh)
     self.batch_sharding = parallel.batch_sharded(self.mesh)
-    self.writer = MetricWriter(workdir, enabled=self.is_main)
+    self.writer = MetricWriter(wd.metrics, wd.tensorboard, enabled=self.is_main)
     self.clock = _Clock()
-    self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.train.keep_checkpoints)
+    self.checkpointer = setup.checkpointer
     self.compile_log = CompileLog(("init_state", "train_step", "eval_step"), self._on_compile)
-    self.defs = state_lib.model_defs(models, config.model, self.num_classes)
+    self.defs = setup.defs
     self.train_step = jax.jit(
-        make_train_step(self.defs.train, self.tx, use_image_sizes=(self.mode == "full_image")),
+        make_train_step(self.defs.train, self.tx, use_image_sizes=(self.mode == "full_image"),
+                        data=self.data_cfg, augment_key=augment_key(self.seed)),
         in_shardings=(self.rep, self.batch_sharding), out_shardings=(self.rep, self.rep),
         donate_argnums=0)
     self.train_shapes: set[tuple] = set()
-    self.evaluator = Evaluator(self.defs.eval, self.mesh, data, self.data_cfg, config.eval,
+    self.evaluator = Evaluator(self.defs.eval, self.mesh, self.data, self.data_cfg, config.eval,
                                self.compile_log)
+    self.state = None
+    self.it = None  # the current epoch's training iterator
+    self.progress: Progress | None = None
     self.last_saved: int | None = None
     self.last_finite: jax.Array | None = None  # The latest step's "finite" flag.
+    self.pending: list[dict[str, jax.Array]] = []  # Metrics since the last log line.
+    self.inflight: collections.deque = collections.deque()
+    self.stepped = False  # whether the first step of this call ran
 
   def _on_compile(self, record: CompileRecord):
     self.clock.excluded += record.seconds
@@ -182,6 +210,10 @@ class _Trainer:
                                                      expected_local=self.local_batch))
 
   def close(self):
+    if self.progress is not None:
+      self.progress.close()
+    if self.it is not None and hasattr(self.it, "close"):
+      self.it.close()  # Stops input worker processes/threads when leaving mid-epoch.
     self.compile_log.close()
     self.checkpointer.close()
     self.writer.close()
@@ -189,34 +221,48 @@ class _Trainer:
   # ---------------------------------------------------------------------------- state
 
   def _initial_state(self):
-    latest = self.checkpointer.latest_step()
-    args = (self.models, self.config.model, self.num_classes, self.seed, self.tx, self.rep)
-    if latest is None:
+    restored = None
+    if self.setup.abstract_state is not None or self.checkpointer.moved_aside():
+      restored = self.checkpointer.restore_latest(self.setup.abstract_state)
+    if restored is None:
       self.compile_log.expect("")
-      return state_lib.create_train_state(*args), _Position(step=0, epoch=0)
-    restored = self.checkpointer.restore(latest, state_lib.abstract_train_state(*args))
+      state = state_lib.create_train_state(self.models, self.config.model, self.num_classes,
+                                           self.seed, self.tx, self.rep)
+      if self.config.get("init_from"):  # A warm start: another run's parameters, by name.
+        from spp_jax.train import init_from
+        state = init_from.warm_start(state, self.config, self.tx, event=self.writer.event)
+      return state, _Position(step=0, epoch=0)
+    data = restored.data
     pos = _Position(step=int(restored.meta["step"]), epoch=int(restored.meta["epoch"]),
-                    data_state=restored.data)
-    self.last_saved = latest
+                    data_state=data["iterator"], left_out=dict(data["left_out"]))
+    self.last_saved = restored.step
     log.info("resumed from the checkpoint at step %d (epoch %d) in %s", pos.step, pos.epoch,
              self.checkpointer.directory)
-    self.writer.event(dict(event="resume", step=pos.step, epoch=pos.epoch))
     return restored.state, pos
+
+  def _commit(self, pos: _Position):
+    """The run starts: config.json, then the records (without those past the resumed step)."""
+    if self.is_main:
+      workdir_lib.save_config(self.config, self.wd)
+    self.writer.start(pos.step)
+    if pos.step:
+      self.writer.event(dict(event="resume", step=pos.step, epoch=pos.epoch))
 
   def _check_finite(self, step: int):
     """Never save or evaluate a state whose last step had a non-finite loss or gradient."""
     if self.last_finite is not None and not bool(jax.device_get(self.last_finite)):
       raise NonFiniteLossError(
-          f"the loss or the gradients became non-finite by step {step}; stopping. The last "
-          f"good checkpoint is step {self.last_saved} in {self.checkpointer.directory} (lower "
-          f"the learning rate or check the inputs)")
+          f"the loss or the gradients became non-finite by step {step}; stopping. "
+          f"{self.checkpointer.last_good()}", hint=_HINT)
 
-  def _save(self, state, pos: _Position):
+  def _save(self, pos: _Position):
     if self.last_saved == pos.step:
       return
     self._check_finite(pos.step)
     start = time.perf_counter()
-    self.checkpointer.save(state, pos.meta(), pos.data_state)
+    left_out = _add(pos.left_out, _left_out(self.it)) if self.it is not None else pos.left_out
+    self.checkpointer.save(self.state, pos.meta(), dict(iterator=pos.data_state,
+                                                        left_out=left_out))
     self.clock.excluded += time.perf_counter() - start
     self.last_saved = pos.step
 
@@ -232,88 +278,120 @@ class _Trainer:
     return it
 
   def run(self) -> dict[str, float]:
-    state, pos = self._initial_state()
+    self.state, pos = self._initial_state()
+    self._commit(pos)
     cfg = self.config
-    progress = Progress(self.total_steps, pos.step, enabled=self.is_main,
-                        bar=None if cfg.train.progress_bar else False)
-    pending: list[dict[str, jax.Array]] = []  # Metrics since the last log line.
-    inflight: collections.deque = collections.deque()
-    first_step = True
+    if cfg.train.stop_at_step is not None and pos.step >= cfg.train.stop_at_step:
+      log.warning("the workdir is at step %d, train.stop_at_step=%d: nothing to do", pos.step,
+                  cfg.train.stop_at_step)
+      return {}
+    self.progress = Progress(self.total_steps, pos.step, enabled=self.is_main,
+                             bar=None if cfg.train.progress_bar else False)
     every = int(cfg.eval.every_epochs or 0)
-    it = None
-    try:
-      with StopSignal(cfg.train.stop_at_step) as stop:
-        while pos.epoch < self.num_epochs:
-          # Full-image mode scales the images' short side by size / crop_size.
-          pos.size = schedules.epoch_size(cfg.train, pos.epoch, self.seed)
-          it = self._train_iterator(pos)
-          for batch in it:
-            pos.data_state = it.get_state()
-            state, metrics = self._train_step(state, batch)
-            pos.step += 1
-            self.clock.steps += 1
-            pending.append(metrics)
-            self.last_finite = metrics["finite"]
-            inflight.append(metrics["loss"])
-            if len(inflight) > MAX_INFLIGHT:
-              inflight.popleft().block_until_ready()
-            if first_step:  # Time to the first step: what the compilation cache shortens.
-              jax.block_until_ready(metrics)
-              first_step = False
-              self.writer.event(dict(event="first_step", step=pos.step,
-                                     seconds_since_start=round(time.time() - self.t_start, 3),
-                                     compile_seconds=round(self.compile_log.seconds, 3)))
-              self.clock.reset()
-            progress.update(pos.step)
-            if pos.step % cfg.train.log_every_steps == 0:
-              record = self._summarise(pending, pos)
-              self.writer.write(pos.step, {k: v for k, v in record.items()
-                                           if k not in ("epoch", "size")},
-                                extra=dict(epoch=pos.epoch, size=pos.size))
-              progress.log(pos.step, record)
-              pending.clear()
-              self.clock.reset()
-            if pos.step % cfg.train.checkpoint_every_steps == 0:
-              self._save(state, pos)
-            if stop.requested(pos.step):
-              self._save(state, pos)
-              progress.close()
-              log.warning("stopped at step %d (%s); checkpoint saved in %s; run again with "
-                          "the same workdir to resume", pos.step, stop.reason,
-                          self.checkpointer.directory)
-              self.writer.event(dict(event="stopped", step=pos.step, reason=stop.reason))
-              return {}
-          pos.epoch += 1
-          pos.data_state, pos.size = None, None
-          if every and pos.epoch % every == 0 and pos.epoch < self.num_epochs:
-            self._check_finite(pos.step)
-            results, details = self.evaluator.evaluate(state, stop.interrupted)
-            if results is not None:
-              self._write_eval(pos, results, details, progress)
-            self.clock.reset()
+    with StopSignal(cfg.train.stop_at_step) as stop:
+      while pos.epoch < self.num_epochs:
+        if self._train_epoch(pos, stop):
+          return self._stopped(pos, stop)
+        pos.epoch += 1
+        pos.data_state, pos.size = None, None
+        if every and pos.epoch % every == 0 and pos.epoch < self.num_epochs:
+          self._check_finite(pos.step)
+          results, details = self.evaluator.evaluate(self.state, stop.interrupted)
+          if results is not None:
+            self._write_eval(pos, results, details, self.progress)
+          self.clock.reset()
+      self._save(pos)
+      self.progress.close()
+      results, details = self.evaluator.evaluate(self.state, stop.interrupted)
+      if results is None:
+        if stop.signalled == "SIGINT":
+          raise InterruptedRun(f"interrupted (SIGINT) during the final evaluation; the "
+                               f"checkpoint at step {pos.step} is saved: run again to evaluate")
+        log.warning("stopped during the final evaluation; run again to evaluate")
+        return {}
+    return self._finish(pos, results, details)
 
-        self._save(state, pos)
-        progress.close()
-        results, details = self.evaluator.evaluate(state, stop.interrupted)
-        if results is None:
-          log.warning("stopped during the final evaluation; run again to evaluate")
-          return {}
-    finally:
-      progress.close()
-      if it is not None and hasattr(it, "close"):
-        it.close()  # Stops input worker processes/threads when leaving mid-epoch.
+  def _train_epoch(self, pos: _Position, stop: StopSignal) -> bool:
+    """One epoch (or the rest of it); True when a stop was requested (after saving)."""
+    # Full-image mode scales the images' short side by size / crop_size.
+    pos.size = schedules.epoch_size(self.config.train, pos.epoch, self.seed)
+    self.it = self._train_iterator(pos)
+    for batch in self.it:
+      pos.data_state = self.it.get_state()
+      self.state, metrics = self._train_step(self.state, batch)
+      pos.step += 1
+      self._after_step(pos, metrics)
+      if pos.step % self.config.train.checkpoint_every_steps == 0:
+        self._save(pos)
+      if stop.requested(pos.step):
+        self._save(pos)
+        return True
+    pos.left_out = _add(pos.left_out, _left_out(self.it))
+    if hasattr(self.it, "close"):
+      self.it.close()
+    self.it = None
+    return False
+
+  def _after_step(self, pos: _Position, metrics):
+    self.clock.steps += 1
+    self.pending.append(metrics)
+    self.last_finite = metrics["finite"]
+    self.inflight.append(metrics["loss"])
+    if len(self.inflight) > MAX_INFLIGHT:
+      self.inflight.popleft().block_until_ready()
+    if not self.stepped:  # Time to the first step: what the compilation cache shortens.
+      jax.block_until_ready(metrics)
+      self.stepped = True
+      self.writer.event(dict(event="first_step", step=pos.step,
+                             seconds_since_start=round(time.time() - self.t_start, 3),
+                             compile_seconds=round(self.compile_log.seconds, 3)))
+      self.clock.reset()
+    self.progress.update(pos.step)
+    if pos.step % self.config.train.log_every_steps == 0:
+      record = self._summarise(self.pending, pos)
+      self.writer.write(pos.step, {k: v for k, v in record.items() if k not in ("epoch", "size")},
+                        extra=dict(epoch=pos.epoch, size=pos.size))
+      self.progress.log(pos.step, record)
+      self.pending.clear()
+      self.clock.reset()
+
+  def _stopped(self, pos: _Position, stop: StopSignal) -> dict:
+    self.progress.close()
+    log.warning("stopped at step %d (%s); checkpoint saved in %s; run again with the same "
+                "workdir to resume", pos.step, stop.reason, self.checkpointer.directory)
+    self.writer.event(dict(event="stopped", step=pos.step, reason=stop.reason))
+    if stop.signalled == "SIGINT":
+      raise InterruptedRun(f"interrupted (SIGINT) at step {pos.step}; checkpoint saved in "
+                           f"{self.checkpointer.directory}: run again with the same workdir "
+                           f"to resume")
+    return {}
+
+  def _finish(self, pos: _Position, results, details) -> dict[str, float]:
     self._write_eval(pos, results, details, None)
+    left_out = self._images_left_out(pos)
     self.writer.event(dict(
         event="done", step=pos.step, seconds_since_start=round(time.time() - self.t_start, 3),
         train_compilations=self.compile_log.count("train_step"),
         eval_compilations=self.compile_log.count("eval_step"),
         compile_seconds=round(self.compile_log.seconds, 3)))
     if self.is_main:
-      path = os.path.join(self.workdir, RESULTS_FILE)
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-      os.replace(path + ".tmp", path)
+      workdir_lib.write_json(self.wd.results, dict(results, images_left_out=left_out),
+                             RESULTS_FILE)
     return results
+
+  def _images_left_out(self, pos: _Position) -> dict[str, Any]:
+    """Images left out over all processes: training (every epoch) and each view's final pass."""
+    views = [v.name for v in self.config.eval.views]
+    counts = [pos.left_out] + [_left_out(self.data.eval_iterators.get(v)) for v in views]
+    table = np.array([[c["skipped"], c["rejected"]] for c in counts], np.int64)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      table = np.asarray(multihost_utils.process_allgather(table)).sum(axis=0)
+    rows = [dict(split=self.data_cfg.train_split, skipped=int(s), rejected=int(r))
+            for s, r in table]
+    for row, name in zip(rows[1:], views):
+      row["split"] = self.data_cfg.eval_split
+    return dict(train=rows[0], eval=dict(zip(views, rows[1:])))
 
   def _summarise(self, pending, pos: _Position) -> dict[str, Any]:
     host = jax.device_get(pending)
@@ -323,8 +401,7 @@ class _Trainer:
       bad = pos.step - len(host) + 1 + int(np.flatnonzero(~finite)[0])
       raise NonFiniteLossError(
           f"non-finite loss or gradients at step {bad} (loss {loss[~finite][0]}); stopping. "
-          f"The last good checkpoint is step {self.last_saved} in "
-          f"{self.checkpointer.directory} (lower the learning rate or check the inputs)")
+          f"{self.checkpointer.last_good()}", hint=_HINT)
     steps = self.clock.steps
     step_time = self.clock.seconds() / steps if steps else math.nan
     return dict(epoch=pos.epoch, size=pos.size, loss=float(loss.mean()),

@@ -4,65 +4,199 @@ Only process 0 writes. metrics.jsonl holds one JSON object per line: training re
 {"step", "epoch", "size", "loss", "top1", "lr", "images_per_s", "step_time_s", ...}, evaluation
 records {"step", "eval/<view>/top1", "eval/<view>/top5", ...} and events
 {"event": "compile" | "first_step" | ..., ...}, each with "time" (seconds since the epoch).
+
+Records once: a run that resumes from the checkpoint at step S first drops the records that
+the steps after S wrote (they are computed again) and the evaluation at S (it runs again), in
+metrics.jsonl and in the TensorBoard files, so every step is recorded once however often the
+run was stopped, killed or sent back to an older checkpoint. Events (compilations, stops,
+resumes) are history and stay. TensorBoard files are written synchronously, so a full disk is
+an error of the step that wrote, not of a background thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import socket
+import struct
 import sys
 import time
 from typing import Any
 
+from spp_jax.errors import DiskFullError, is_disk_full
+
 log = logging.getLogger(__name__)
 
 
-def _import_summary_writer():
-  """tensorboardX.SummaryWriter, without letting it import torch when torch is installed.
+def _import_tensorboardx():
+  """tensorboardX's protos and record writer, without letting it import torch when torch is
+  installed (tensorboardX imports torch to accept torch tensors; we pass floats; that import
+  costs about 5 s of start-up on a 2-core CPU). Already imported torch is left alone."""
+  if "torch" not in sys.modules and "tensorboardX" not in sys.modules:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail fast
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      del sys.modules["torch"]
+  import tensorboardX.proto.event_pb2
+  import tensorboardX.proto.summary_pb2
+  import tensorboardX.record_writer
+  return tensorboardX
 
-  tensorboardX only imports torch to accept torch tensors (we pass floats); that import costs
-  about 5 s of start-up on a 2-core CPU. Already imported torch is left alone.
-  """
-  import sys
 
-  if "torch" in sys.modules or "tensorboardX" in sys.modules:
-    from tensorboardX import SummaryWriter
-    return SummaryWriter
-  sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` fail fast
+def _dropped(step: int | None, keys, resume_step: int) -> bool:
+  """Whether a record of `step` with these keys is redone by a run resuming at resume_step."""
+  if step is None:
+    return False
+  return step > resume_step or (step == resume_step and any(k.startswith("eval/") for k in keys))
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+
+
+def _tfrecords(path: str):
+  """(raw record bytes, payload) of each whole record of a TFRecord file; a torn tail ends it."""
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos + 12 <= len(data):
+    (length,) = struct.unpack("<Q", data[pos:pos + 8])
+    end = pos + 12 + length + 4
+    if end > len(data):
+      break
+    yield data[pos:end], data[pos + 12:pos + 12 + length]
+    pos = end
+
+
+def _truncate_tensorboard(logdir: str, resume_step: int) -> None:
+  if not os.path.isdir(logdir):
+    return
+  event_pb2 = _import_tensorboardx().proto.event_pb2
+  for name in sorted(os.listdir(logdir)):
+    path = os.path.join(logdir, name)
+    if ".tfevents." not in name or not os.path.isfile(path):
+      continue
+    kept, changed = [], False
+    for raw, payload in _tfrecords(path):
+      event = event_pb2.Event.FromString(payload)
+      keys = [v.tag for v in event.summary.value] if event.HasField("summary") else None
+      if keys is not None and _dropped(event.step, keys, resume_step):
+        changed = True
+      else:
+        kept.append(raw)
+    if changed or sum(map(len, kept)) != os.path.getsize(path):
+      _rewrite(path, b"".join(kept))
+
+
+def _rewrite(path: str, content: bytes) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(content)
+  os.replace(tmp, path)
+
+
+class _EventFile:
+  """One TensorBoard event file, written synchronously."""
+
+  def __init__(self, logdir: str):
+    tbx = _import_tensorboardx()
+    self._event_pb2, self._summary_pb2 = tbx.proto.event_pb2, tbx.proto.summary_pb2
+    os.makedirs(logdir, exist_ok=True)
+    stem = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}."
+                                f"{socket.gethostname()}.{os.getpid()}")
+    self.path, n = stem, 0
+    while os.path.exists(self.path):  # another writer of this process in the same second
+      n += 1
+      self.path = f"{stem}.{n}"
+    self._writer = tbx.record_writer.RecordWriter(self.path)
+    self._write(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _write(self, event):
+    self._writer.write(event.SerializeToString())
+    self._writer.flush()
+
+  def scalars(self, step: int, values: dict[str, float]):
+    summary = self._summary_pb2.Summary(value=[
+        self._summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def close(self):
+    self._writer.close()
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+@contextlib.contextmanager
+def _disk_full(path: str, what: str):
+  """OSError ENOSPC -> DiskFullError(path)."""
   try:
-    from tensorboardX import SummaryWriter
-  finally:
-    del sys.modules["torch"]
-  return SummaryWriter
+    yield
+  except OSError as e:
+    if is_disk_full(e) and not isinstance(e, DiskFullError):
+      raise DiskFullError(path, what) from e
+    raise
+
+
+def _truncate_jsonl(path: str, resume_step: int) -> None:
+  if not os.path.isfile(path):
+    return  # absent (or a device, as in tests: nothing to read back)
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue  # a line torn by a kill
+    if not line.endswith("\n"):
+      continue
+    if "event" in record or not _dropped(record.get("step"), record, resume_step):
+      kept.append(line)
+  if len(kept) != len(lines):
+    _rewrite(path, "".join(kept).encode("utf-8"))
 
 
 class MetricWriter:
-  """TensorBoard (tensorboardX) + JSON lines; a no-op on processes other than 0."""
+  """TensorBoard + JSON lines; a no-op on processes other than 0.
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  Nothing is written before `start(resume_step)`, which drops what the resumed steps will
+  record again (events before it wait for it). Writing errors of a full disk are DiskFullError naming the file.
+  """
+
+  def __init__(self, metrics_path: str, tensorboard_dir: str, *, enabled: bool = True):
     self.enabled = enabled
-    self._tb = None
+    self._path = metrics_path
+    self._logdir = tensorboard_dir
+    self._tb: _EventFile | None = None
     self._jsonl = None
-    self._logdir = os.path.join(workdir, "tensorboard")
-    if not enabled:
-      return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._early: list[dict[str, Any]] = []
 
-  def _tensorboard(self):
-    # Made at the first scalar: its import and writer thread stay off the way to the first step.
-    if self._tb is None:
-      self._tb = _import_summary_writer()(logdir=self._logdir)
-    return self._tb
+  def start(self, resume_step: int):
+    if not self.enabled or self._jsonl is not None:
+      return
+    with _disk_full(self._path, "dropping the records past the resumed step"):
+      _truncate_jsonl(self._path, resume_step)
+      _truncate_tensorboard(self._logdir, resume_step)
+      self._jsonl = open(self._path, "a", encoding="utf-8")
+    for record in self._early:
+      self.event(record)
+    self._early.clear()
 
   def write(self, step: int, scalars: dict[str, Any], extra: dict[str, Any] | None = None):
     """scalars go to TensorBoard and the JSON line; extra (strings, ints) to the line only."""
     if not self.enabled:
       return
-    for key, value in scalars.items():
-      if isinstance(value, (int, float)) and math.isfinite(value):
-        self._tensorboard().add_scalar(key, value, step)
+    finite = {k: v for k, v in scalars.items()
+              if isinstance(v, (int, float)) and math.isfinite(v)}
+    if finite:
+      with _disk_full(self._logdir, "writing TensorBoard events"):
+        if self._tb is None:  # made at the first scalar: off the way to the first step
+          self._tb = _EventFile(self._logdir)
+        self._tb.scalars(step, finite)
     self.event(dict(step=step, **(extra or {}), **scalars))
 
   def event(self, record: dict[str, Any]):
@@ -70,20 +204,27 @@ class MetricWriter:
       return
     record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
               for k, v in dict(record, time=round(time.time(), 3)).items()}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    if self._jsonl is None:
+      self._early.append(record)  # e.g. a compilation before the resumed step is known
+      return
+    with _disk_full(self._path, "writing metrics"):
+      self._jsonl.write(json.dumps(record) + "\n")
+      self._jsonl.flush()
 
   def flush(self):
-    if self.enabled:
-      self._tensorboard().flush()
-      self._jsonl.flush()
+    if self.enabled and self._jsonl is not None:
+      with _disk_full(self._path, "writing metrics"):
+        self._jsonl.flush()
 
   def close(self):
     if self.enabled:
-      if self._tb is not None:
-        self._tb.close()
-      self._jsonl.close()
       self.enabled = False
+      for f in (self._tb, self._jsonl):
+        if f is not None:
+          try:
+            f.close()
+          except OSError as e:  # a full disk was already reported by the write that hit it
+            log.debug("closing %s: %s", f, e)
 
 
 def _duration(seconds: float) -> str:

@@ -1,18 +1,29 @@
-"""workdir/config.json: written on the first run, compared on every later one.
+"""The workdir: where each file of a run lives, and config.json, its record of the config.
+
+  .lock          the writer's lock (train/lock.py)
+  config.json    written once the run is known to start; compared on every later run
+  checkpoints/   orbax checkpoints (train/checkpoint.py); damaged ones in checkpoints/corrupt/
+  metrics.jsonl  records and events; tensorboard/  the same scalars (train/metrics.py)
+  results.json   the final evaluation and the images left out
 
 Resuming with a config that changes what is trained (network, data, optimiser, sizes, batch,
 seed, epochs) would silently mix two experiments in one workdir; it is refused unless
 config.allow_config_change is True. Keys that only change logging, evaluation, paths or the
-launch are free to differ.
+launch are free to differ. Every path of the run is made here, so that another file system
+(etils.epath, gs://) is a change to this module and to the lock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
 
+from spp_jax.errors import DiskFullError, is_disk_full
+
 CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.json"
 
 # Dotted prefixes that may change between runs in one workdir.
 COMPATIBLE_PREFIXES = (
@@ -21,6 +32,54 @@ COMPATIBLE_PREFIXES = (
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.stop_at_step",
     "train.progress_bar", "eval.",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Workdir:
+  """The paths of one run's files."""
+  root: str
+
+  @classmethod
+  def of(cls, path) -> "Workdir":
+    return cls(os.path.abspath(os.fspath(path)))
+
+  def __truediv__(self, name: str) -> str:
+    return os.path.join(self.root, name)
+
+  @property
+  def config(self) -> str:
+    return self / CONFIG_FILE
+
+  @property
+  def checkpoints(self) -> str:
+    return self / "checkpoints"
+
+  @property
+  def metrics(self) -> str:
+    return self / "metrics.jsonl"
+
+  @property
+  def tensorboard(self) -> str:
+    return self / "tensorboard"
+
+  @property
+  def results(self) -> str:
+    return self / RESULTS_FILE
+
+
+def write_json(path: str, value: Any, what: str) -> None:
+  """Writes JSON atomically (a temporary file renamed over path); ENOSPC -> DiskFullError."""
+  tmp = f"{path}.tmp.{os.getpid()}"  # per process: never a name two writers share
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    if is_disk_full(e):
+      raise DiskFullError(path, f"writing {what}") from e
+    raise
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -37,40 +96,48 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
+def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (old, new)} for every key whose value differs."""
+  a, b = _flatten(old), _flatten(new)
+  return {k: (a.get(k, "<missing>"), b.get(k, "<missing>")) for k in sorted(set(a) | set(b))
+          if a.get(k, "<missing>") != b.get(k, "<missing>")}
+
+
 def config_differences(old: dict, new: dict) -> list[str]:
   """'key: old -> new' for every key that differs and is not in COMPATIBLE_PREFIXES."""
-  a, b = _flatten(old), _flatten(new)
-  diffs = []
-  for key in sorted(set(a) | set(b)):
-    if any(key == p or key.startswith(p) for p in COMPATIBLE_PREFIXES):
-      continue
-    if a.get(key, "<missing>") != b.get(key, "<missing>"):
-      diffs.append(f"{key}: {a.get(key, '<missing>')!r} -> {b.get(key, '<missing>')!r}")
-  return diffs
+  return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed_keys(old, new).items()
+          if not any(k == p or k.startswith(p) for p in COMPATIBLE_PREFIXES)]
 
 
-def check_and_save_config(config, workdir: str, *, write: bool = True) -> None:
-  """Refuses a workdir whose saved config differs in a training key; saves the new config.
+def saved_config(workdir: Workdir) -> dict | None:
+  if not os.path.exists(workdir.config):
+    return None
+  with open(workdir.config, encoding="utf-8") as f:
+    return json.load(f)
 
+
+def check_config(config, workdir: Workdir) -> dict | None:
+  """Refuses a workdir whose saved config differs in a training key; writes nothing.
+
+  Returns:
+    The saved config (None in a new workdir).
   Raises:
-    ValueError listing the differences, unless config.allow_config_change.
+    ConfigError listing the differences, unless config.allow_config_change.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  new = config_to_dict(config)
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    diffs = config_differences(old, new)
-    if diffs and not config.get("allow_config_change", False):
-      shown = "\n  ".join(diffs[:20]) + ("\n  ..." if len(diffs) > 20 else "")
-      from spp_jax.train.validation import ConfigError
-      raise ConfigError(
-          f"workdir {workdir!r} holds a run with a different config ({path}):\n  {shown}\n"
-          f"Use a new workdir, or set --config.allow_config_change=True (main.py: --force) to "
-          f"continue this run with the new config.")
-  if write:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+  old = saved_config(workdir)
+  if old is None:
+    return None
+  diffs = config_differences(old, config_to_dict(config))
+  if diffs and not config.get("allow_config_change", False):
+    from spp_jax.train.config_schema import ConfigError
+    shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+    error = ConfigError(f"workdir {workdir.root} holds a run with a different config "
+                        f"({workdir.config}): {shown}")
+    error.hint = ("use a new workdir, or --force (config.allow_config_change=True) to continue "
+                  "this run with the new config")
+    raise error
+  return old
+
+
+def save_config(config, workdir: Workdir) -> None:
+  write_json(workdir.config, config_to_dict(config), CONFIG_FILE)
