@@ -125,7 +125,7 @@ def test_flip_within_keeps_the_padding_at_the_right(rng):
 def test_ten_view_canvas_crops_equal_the_host_crops(rng, hw):
   """Landscape, portrait (transposed), and images longer than the canvas (compacted to the
   bands the crops read): the device's crops equal `transforms.ten_views`."""
-  s = settings_lib.data_settings(dict(name="x", crop_size=32))
+  s = settings_lib.data_settings(dict(name="x", crop_size=32, resize_short=None))
   view = settings_lib.view_settings(dict(kind="ten_view", size=32, short_side=None), s)
   image = rng.integers(0, 256, size=hw + (3,)).astype(np.uint8)
   region, offsets, transposed = examples.ten_view_canvas(image, s, view)

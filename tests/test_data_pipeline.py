@@ -30,7 +30,7 @@ def _cfg(data_dir, **overrides) -> ml_collections.ConfigDict:
       train_split="train", eval_split="test", num_workers=0, resize_short=40, crop_size=32,
       flip=True, color_jitter=0.2, mean=(120.0, 110.0, 100.0), std=(60.0, 55.0, 50.0),
       full_image=dict(short_side=40, buckets=BUCKETS), bad_image="skip", small_image="resize",
-      min_size=16, mode="crop"))
+      min_size=16, mode="crop", batch_dtype="float32"))
   c.update(overrides)
   return c
 

@@ -175,7 +175,10 @@ def loop_part(args):
   lr = schedules.learning_rate_schedule(config.optimizer, args.steps, 1)
   tx = schedules.make_optimizer(config.optimizer, lr)
   defs = state_lib.model_defs(models, config.model, num_classes)
-  step = jax.jit(make_train_step(defs.train, tx, use_image_sizes=False),
+  from spp_jax.train.loop import augment_key
+
+  step = jax.jit(make_train_step(defs.train, tx, use_image_sizes=False, data=config.data,
+                                 augment_key=augment_key(0)),
                  in_shardings=(rep, bsh), out_shardings=(rep, rep), donate_argnums=0)
   host_batch = next(data.train_iterator(config.data, batch_size=args.batch, image_size=size,
                                         epoch=0, seed=0, mode="crop"))

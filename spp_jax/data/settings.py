@@ -1,4 +1,5 @@
-"""The data config (config.data and one config.eval.views entry) read once and checked early.
+"""The data config (config.data and one config.eval.views entry) read once and checked early:
+defaults and allowed values from the one config schema (spp_jax/train/config_schema.py).
 
 Every value is validated here with a ValueError naming the key, so a bad config fails before any
 worker starts. The frozen dataclasses are what the (pickled) batch makers carry to grain workers.
@@ -13,12 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-BAD_IMAGE = ("skip", "error")
-SMALL_IMAGE = ("resize", "reject")
-DECODERS = ("pillow", "opencv", "tfds")  # opencv: also resamples (the detection extra)
-VIEW_KINDS = ("center", "full", "ten_view", "multiscale")
-MODES = ("crop", "full_image")
-BATCH_DTYPES = ("float32", "uint8")  # uint8: the steps normalise on the device (on_device.py)
+from spp_jax.train import config_schema
+
+VIEW_KINDS = config_schema.VIEW_KINDS
+MODES = config_schema.MODES
 
 
 def _get(cfg, key, default=None):
@@ -116,57 +115,37 @@ class DataSettings:
 
 
 def data_settings(data_cfg) -> DataSettings:
-  """Reads and checks config.data (a ConfigDict, a dict, or a DataSettings)."""
+  """Reads and checks config.data (a ConfigDict, a dict, or a DataSettings).
+
+  Defaults and each key's allowed values come from the config schema; min_size and mode are
+  what the trainer adds (the network's minimum input, config.train.mode).
+  """
   if isinstance(data_cfg, DataSettings):
     return data_cfg
-  name = _get(data_cfg, "name")
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"data.name must be a TFDS builder name, got data.name={name!r}")
-  resize_short = _get(data_cfg, "resize_short")
-  full = _get(data_cfg, "full_image")
+  v = config_schema.group_values("data", data_cfg)
   min_size = _int("data.min_size", _get(data_cfg, "min_size", 1))
-  crop_size = _int("data.crop_size", _get(data_cfg, "crop_size", 224))
   s = DataSettings(
-      name=name,
-      data_dir=_get(data_cfg, "data_dir"),
-      source_dir=_get(data_cfg, "source_dir"),
-      train_split=str(_get(data_cfg, "train_split", "train")),
-      eval_split=str(_get(data_cfg, "eval_split", "test")),
-      num_workers=_workers(_get(data_cfg, "num_workers", 0)),
-      shuffle_seed=_get(data_cfg, "shuffle_seed"),
-      resize_short=None if resize_short is None else _int("data.resize_short", resize_short),
-      crop_size=crop_size,
-      flip=bool(_get(data_cfg, "flip", True)),
-      color_jitter=float(_get(data_cfg, "color_jitter", 0.0)),
-      mean=_triple("data.mean", _get(data_cfg, "mean", (0.0, 0.0, 0.0))),
-      std=_triple("data.std", _get(data_cfg, "std", (1.0, 1.0, 1.0))),
-      full_short_side=_int("data.full_image.short_side", _get(full, "short_side", 256)),
-      buckets=_buckets("data.full_image.buckets",
-                       _get(full, "buckets", ((256, 256), (256, 352), (352, 256)))),
-      bad_image=_choice("data.bad_image", _get(data_cfg, "bad_image", "skip"), BAD_IMAGE),
-      small_image=_choice("data.small_image", _get(data_cfg, "small_image", "resize"),
-                          SMALL_IMAGE),
-      min_size=min_size,
-      decoder=_choice("data.decoder", _get(data_cfg, "decoder", "pillow"), DECODERS),
-      prefetch=_int("data.prefetch", _get(data_cfg, "prefetch", 2), minimum=0),
+      name=v["name"], data_dir=v["data_dir"], source_dir=v["source_dir"],
+      train_split=v["train_split"], eval_split=v["eval_split"],
+      num_workers=_workers(v["num_workers"]), shuffle_seed=v["shuffle_seed"],
+      resize_short=v["resize_short"], crop_size=v["crop_size"], flip=v["flip"],
+      color_jitter=float(v["color_jitter"]), mean=_triple("data.mean", v["mean"]),
+      std=_triple("data.std", v["std"]), full_short_side=v["full_image"]["short_side"],
+      buckets=_buckets("data.full_image.buckets", v["full_image"]["buckets"]),
+      bad_image=v["bad_image"], small_image=v["small_image"], min_size=min_size,
+      decoder=v["decoder"], prefetch=v["prefetch"],
       mode=_choice("data.mode", _get(data_cfg, "mode", "crop"), MODES),
-      batch_dtype=_choice("data.batch_dtype", _get(data_cfg, "batch_dtype", "float32"),
-                          BATCH_DTYPES),
-  )
-  if not 0 <= s.color_jitter <= 1:
-    raise ValueError(f"data.color_jitter must be in [0, 1], got {s.color_jitter}")
-  if any(v <= 0 for v in s.std):
-    raise ValueError(f"data.std must be positive, got data.std={s.std}")
+      batch_dtype=v["batch_dtype"])
   if s.resize_short is not None and s.resize_short < s.crop_size:
-    raise ValueError(f"data.resize_short={s.resize_short} is smaller than "
-                     f"data.crop_size={s.crop_size}: the crops would not fit")
-  if s.shuffle_seed is not None:
-    _int("data.shuffle_seed", s.shuffle_seed, minimum=0)
+    raise config_schema.ConfigError(
+        f"config.data.resize_short={s.resize_short}: smaller than "
+        f"data.crop_size={s.crop_size}: the crops would not fit")
   for b in s.buckets:
     if min(b) < s.full_short_side:
-      raise ValueError(f"data.full_image.buckets entry {b} is smaller than "
-                       f"data.full_image.short_side={s.full_short_side}: no image would fill it")
-  check_min_size("data.crop_size", crop_size, min_size)
+      raise config_schema.ConfigError(
+          f"config.data.full_image.buckets entry {b}: smaller than "
+          f"data.full_image.short_side={s.full_short_side}: no image would fill it")
+  check_min_size("data.crop_size", s.crop_size, min_size)
   check_min_size("data.full_image.short_side", s.full_short_side, min_size)
   return s
 

@@ -19,12 +19,28 @@
 
 from __future__ import annotations
 
-from spp_jax.train.checkpoint import load_model, load_params
-from spp_jax.train.config_schema import ConfigError, default_config, view
-from spp_jax.train.loop import NonFiniteLossError, train_and_evaluate
-from spp_jax.train.metrics import results_table
-from spp_jax.train.validation import validate_config
-from spp_jax.train.variants import apply_variants
+import importlib
 
-__all__ = ["ConfigError", "NonFiniteLossError", "apply_variants", "default_config", "load_model",
-           "load_params", "results_table", "train_and_evaluate", "validate_config", "view"]
+# Imported on first use, so that the config schema (read by grain workers through the data
+# settings) does not import JAX.
+_PUBLIC = {
+    "ConfigError": "spp_jax.train.config_schema",
+    "default_config": "spp_jax.train.config_schema",
+    "view": "spp_jax.train.config_schema",
+    "apply_variants": "spp_jax.train.variants",
+    "validate_config": "spp_jax.train.validation",
+    "NonFiniteLossError": "spp_jax.train.loop",
+    "train_and_evaluate": "spp_jax.train.loop",
+    "load_model": "spp_jax.train.checkpoint",
+    "load_params": "spp_jax.train.checkpoint",
+    "results_table": "spp_jax.train.metrics",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+  if name in _PUBLIC:
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'spp_jax.train' has no attribute {name!r}")

@@ -146,6 +146,10 @@ VIEW = {
 
 SCHEMA: dict[str, Any] = {
     "seed": Key(0, integer(0), "parameters, dropout and (unless data.shuffle_seed) shuffling"),
+    "init_from": Key(None, text(optional=True), "another run's workdir: a fresh run starts "
+                     "from its parameters, matched by name (train/init_from.py)"),
+    "init_from_step": Key(None, integer(0, optional=True),
+                          "the step of init_from's checkpoint; None: its latest"),
     "compilation_cache_dir": Key(
         None, Rule("a directory", lambda v: isinstance(v, str), str, optional=True),
         "JAX's persistent compilation cache; None: $SPP_JAX_CACHE_DIR or "
@@ -184,9 +188,16 @@ SCHEMA: dict[str, Any] = {
         "source_dir": Key(None, text(optional=True), "where manual downloads are (prepare)"),
         "train_split": Key("train", text(), "the training split"),
         "eval_split": Key("validation", text(), "the split the views evaluate"),
-        "num_workers": Key(0, integer(0), "grain worker processes; 0: the main process"),
+        "num_workers": Key(0, Rule("an int >= 0 or 'auto'", lambda v: v == "auto" or (
+            _is_int(v) and v >= 0), int), "grain worker processes; 0: the main process; "
+                           "'auto': one per available core but one"),
         "prefetch": Key(2, integer(0), "batches buffered ahead"),
-        "decoder": Key("pillow", one_of("pillow", "tfds"), "image decoder"),
+        "decoder": Key("pillow", one_of("pillow", "opencv", "tfds"),
+                       "image decoder; opencv (the detection extra) also resamples, faster "
+                       "but not bitwise Pillow's"),
+        "batch_dtype": Key("uint8", one_of("uint8", "float32"),
+                           "host batches: uint8 pixels finished on the device "
+                           "(data/on_device.py), or float32 made on the host"),
         "shuffle_seed": Key(None, integer(0, optional=True), "None: seed"),
         "resize_short": Key(256, integer(1, optional=True),
                             "short side before cropping; None: crop from the stored image"),
@@ -279,6 +290,42 @@ def default(path: str):
   for part in path.split("."):
     node = node[part]
   return node.default
+
+
+_MISSING = object()
+
+
+def _value(cfg, name: str):
+  if cfg is None:
+    return _MISSING
+  return cfg.get(name, _MISSING) if hasattr(cfg, "get") else getattr(cfg, name, _MISSING)
+
+
+def group_values(group: str, cfg) -> dict[str, Any]:
+  """Every key of SCHEMA[group] (dotted, e.g. "data") read from cfg (a ConfigDict, dict or
+  object), each value checked. A key cfg lacks gets the schema default, and so does None
+  where the key's rule does not allow None.
+
+  For modules that take one group of the config on its own (the data pipeline); keys that
+  cfg holds beyond the schema are left to the caller.
+  Raises:
+    ConfigError naming the key, its value and what it allows.
+  """
+  schema: Any = SCHEMA
+  for part in group.split("."):
+    schema = schema[part]
+  out = {}
+  for name, key in schema.items():
+    value = _value(cfg, name)
+    if isinstance(key, dict):
+      out[name] = group_values(f"{group}.{name}", None if value is _MISSING else value)
+      continue
+    if value is _MISSING or (value is None and not key.rule.optional):
+      value = key.default
+    if not key.rule.allows(value):
+      raise ConfigError(f"config.{group}.{name}={value!r}: must be {key.rule.describe()}")
+    out[name] = value
+  return out
 
 
 # ----------------------------------------------------------------------------- checks

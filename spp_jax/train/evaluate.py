@@ -40,25 +40,26 @@ class Evaluator:
     self._graphdef = eval_graphdef
     self._compile_log = compile_log
     self._seen: set[tuple] = set()
-    # One jitted step per variant: (uses image sizes, per-view shapes or None).
+    # One jitted step per (view, per-view shapes or None): the step finishes uint8 batches
+    # by the view's own rule (data/on_device.py).
     self.steps: dict[tuple, Callable] = {}
 
-  def _step(self, sized: bool, view_shapes: tuple | None) -> Callable:
-    key = (sized, view_shapes)
+  def _step(self, view, view_shapes: tuple | None) -> Callable:
+    key = (view.name, view_shapes)
     if key not in self.steps:
-      fn = make_eval_step(self._graphdef, use_image_sizes=sized, view_shapes=view_shapes)
+      fn = make_eval_step(self._graphdef, use_image_sizes=view.kind in _SIZED_KINDS,
+                          view=view, data=self._data_cfg, view_shapes=view_shapes)
       self.steps[key] = jax.jit(fn, out_shardings=self._rep)
     return self.steps[key]
 
   def _run(self, state, view, batch, local_batch: int):
-    sized = view.kind in _SIZED_KINDS
     shapes = None
     if view.kind == "multiscale":
       shapes = tuple(tuple(int(v) for v in hw) for hw in self._data.multiscale_view_shapes(
           self._data_cfg, view, tuple(batch["image"].shape[2:4])))
-    step = self._step(sized, shapes)
+    step = self._step(view, shapes)
     if self._compile_log is not None:
-      signature = (sized, shapes, tuple((k, v.shape) for k, v in sorted(batch.items())))
+      signature = (view.name, shapes, tuple((k, v.shape) for k, v in sorted(batch.items())))
       if signature not in self._seen:
         self._seen.add(signature)
         self._compile_log.expect(describe(batch))

@@ -40,7 +40,7 @@ def local_batch_size(global_batch: int) -> int:
 
 
 # The batch entries the steps read; others (ids, boxes, file names) stay on the host.
-BATCH_KEYS = ("image", "label", "image_size", "mask")
+BATCH_KEYS = ("image", "label", "image_size", "mask", "flip", "view_offsets", "transposed")
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding,

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from spp_jax.data import on_device
 from spp_jax.train.state import STATE_FILTERS, TrainState
 
 
@@ -35,15 +36,19 @@ def _weights(batch, n: int) -> jax.Array:
   return jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *,
-                    use_image_sizes: bool) -> Callable:
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, use_image_sizes: bool,
+                    data, augment_key: jax.Array) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics).
 
-  batch: image (B, H, W, 3) float, label (B,) int, image_size (B, 2) int when
-  use_image_sizes (full-image mode: images zero-padded at bottom/right), optional mask (B,).
+  batch: image (B, H, W, 3) uint8 pixels (finished here by data/on_device.py: flips, colour,
+  normalisation) or float32 inputs, label (B,) int, image_size (B, 2) int (used when
+  use_image_sizes: full-image mode, images zero-padded at bottom/right), optional flip (B,)
+  and mask (B,). data: config.data or its DataSettings. augment_key: colour alteration draws
+  from fold_in(augment_key, step), so resume and any device count draw the same.
   metrics: loss, top1 (batch means), grad_norm, finite (loss and gradients finite).
   """
   def train_step(state: TrainState, batch):
+    batch = on_device.train_batch(batch, data, jax.random.fold_in(augment_key, state.step))
     rngs = step_rngs(state.rngs, state.step)
     labels = batch["label"]
     w = _weights(batch, labels.shape[0])
@@ -71,11 +76,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *,
   return train_step
 
 
-def make_eval_step(graphdef, *, use_image_sizes: bool,
+def make_eval_step(graphdef, *, use_image_sizes: bool, view, data,
                    view_shapes: tuple[tuple[int, int], ...] | None = None) -> Callable:
   """Returns eval_step(state, batch) -> masked sums (top1, top5, loss, count).
 
-  batch: image (B, V, H, W, 3) with V views per example, image_size (B, V, 2) used when
+  batch: a uint8 batch of `view` (finished here by data/on_device.py) or float32 views:
+  image (B, V, H, W, 3) with V views per example, image_size (B, V, 2) used when
   use_image_sizes, label (B,), mask (B,) (0 for padding examples). The scores of an example are
   its softmax probabilities averaged over its V views (10-view testing, docs/paper.md §4).
   view_shapes: optional padded (h, w) of each view (multi-scale views are padded to the largest
@@ -83,6 +89,7 @@ def make_eval_step(graphdef, *, use_image_sizes: bool,
   pixels.
   """
   def eval_step(state: TrainState, batch):
+    batch = on_device.eval_batch(batch, view, data)
     model = nnx.merge(graphdef, state.params, state.rngs, state.other, copy=True)
     images = batch["image"]
     b, v = images.shape[:2]
