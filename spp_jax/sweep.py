@@ -6,7 +6,7 @@ A sweep is declared in a config file whose `get_config(arg)` returns `define(...
 
     def get_config(arg=None):
       return sweep.define(
-          base="configs/demo.py:multi",
+          base="demo.py:multi",  # a path relative to this file, or a shipped config's name
           axes={"levels": {"4-2-1": {"model.spp_levels": (4, 2, 1)},
                            "no-SPP": {ARG: "nospp"}},
                 "seed": {str(s): {"seed": s} for s in (0, 1, 2)}},
@@ -90,14 +90,31 @@ def variant_name(labels: Mapping[str, str]) -> str:
 
 
 def load(path: str) -> ml_collections.ConfigDict:
-  """Loads `file.py[:arg]` and calls its get_config(arg)."""
+  """Loads `file.py[:arg]`, calls its get_config(arg), and resolves its config paths.
+
+  The base config (and every variant's) is looked up relative to the sweep file first, then
+  the working directory, then among the shipped configs by name (spp_jax.configs), and made
+  absolute: the variants' commands then run from any directory.
+  """
   file, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_sweep_config", file)
   if spec is None or not os.path.exists(file):
     raise ValueError(f"sweep config file not found: {file!r}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg or None) if arg else module.get_config()
+  sweep = module.get_config(arg or None) if arg else module.get_config()
+  return resolve_configs(sweep, relative_to=file)
+
+
+def resolve_configs(sweep: ml_collections.ConfigDict, *, relative_to: str
+                    ) -> ml_collections.ConfigDict:
+  """The sweep with its base and variant config paths found relative to `relative_to`."""
+  from spp_jax import configs
+
+  sweep.base = configs.resolve(sweep.base, relative_to=relative_to)
+  for variant in sweep.variants:
+    variant["config"] = configs.resolve(variant["config"], relative_to=relative_to)
+  return sweep
 
 
 # ----------------------------------------------------------------------------- running
@@ -304,6 +321,11 @@ def main(argv):
   return 0
 
 
-if __name__ == "__main__":
+def run_cli(argv=None):
+  """Console script spp-sweep."""
   _define_flags()
-  app.run(main)
+  app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+  run_cli()

@@ -91,3 +91,35 @@ def test_bad_declarations():
     sweep.define("c.py", {"levels": {"1": {}}}, x="size")
   with pytest.raises(ValueError, match="at least one value"):
     sweep.define("c.py", {"levels": {}}, x="levels")
+
+
+def test_config_paths_resolve_relative_to_the_sweep_file(tmp_path, monkeypatch):
+  """A sweep's base config is found next to the sweep file, then in the working directory,
+  then among the shipped configs by name, and made absolute for the variants' commands."""
+  from spp_jax import configs
+
+  here = tmp_path / "exp"
+  here.mkdir()
+  (here / "base.py").write_text("def get_config(arg=None):\n  return None\n")
+  (here / "sweep_local.py").write_text(textwrap.dedent('''
+      from spp_jax import sweep
+      def get_config(arg=None):
+        return sweep.define(base="base.py:x", x="seed",
+                            axes={"seed": {"0": {"seed": 0}}, "v": {"a": {sweep.ARG: "y"}}})
+  '''))
+  (here / "sweep_shipped.py").write_text((here / "sweep_local.py").read_text().replace(
+      '"base.py:x"', '"demo.py:tiny"'))
+  (here / "sweep_missing.py").write_text((here / "sweep_local.py").read_text().replace(
+      '"base.py:x"', '"nowhere.py"'))
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  local = sweep.load(str(here / "sweep_local.py"))
+  assert local.base == f"{here / 'base.py'}:x"
+  assert local.variants[0]["config"] == f"{here / 'base.py'}:x,y"
+  cmd = sweep.command(local, local.variants[0], "d")
+  assert f"--config={here / 'base.py'}:x,y" in cmd
+  shipped = sweep.load(str(here / "sweep_shipped.py"))
+  assert shipped.base == os.path.join(configs.DIRECTORY, "demo.py") + ":tiny"
+  with pytest.raises(ValueError, match="config file 'nowhere.py' not found"):
+    sweep.load(str(here / "sweep_missing.py"))
