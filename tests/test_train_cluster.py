@@ -52,6 +52,13 @@ def test_slurm_one_process_per_node_gets_every_gpu():
       "slurm", 2, 1, None)
 
 
+def test_a_task_bound_to_one_gpu_uses_it():
+  env = {**SLURM_ONE_NODE_FOUR_TASKS, "CUDA_VISIBLE_DEVICES": "2"}
+  assert cluster.detect(_cfg(), env=env, on_tpu_vm=False).local_device_ids is None
+  env["CUDA_VISIBLE_DEVICES"] = "0,1,2,3"
+  assert cluster.detect(_cfg(), env=env, on_tpu_vm=False).local_device_ids == (2,)
+
+
 def test_open_mpi_needs_an_address_and_maps_local_ranks_to_gpus():
   env = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5",
          "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}

@@ -46,9 +46,15 @@ class Launch:
     return self.kind != "single"
 
 
-def _local_gpus(local_rank: int, local_size: int) -> tuple[int, ...] | None:
-  """One process per GPU when a node runs several processes; all GPUs for one per node."""
-  return None if local_size <= 1 else (local_rank,)
+def _local_gpus(local_rank: int, local_size: int,
+                env: Mapping[str, str]) -> tuple[int, ...] | None:
+  """One process per GPU when a node runs several processes; all GPUs for one per node. A
+  launcher that already bound one GPU to each task (CUDA_VISIBLE_DEVICES names one) leaves
+  nothing to choose."""
+  visible = env.get("CUDA_VISIBLE_DEVICES")
+  if local_size <= 1 or (visible is not None and "," not in visible):
+    return None
+  return (local_rank,)
 
 
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
@@ -114,7 +120,7 @@ def detect(dist_cfg, env: Mapping[str, str] | None = None, *, coordinator_addres
     port = int(env["SPP_JAX_COORDINATOR_PORT"]) if env.get("SPP_JAX_COORDINATOR_PORT") else None
     return Launch("slurm", _slurm_coordinator(env, port), int(env["SLURM_NTASKS"]),
                   int(env["SLURM_PROCID"]),
-                  _local_gpus(int(env["SLURM_LOCALID"]), _slurm_tasks_on_node(env)))
+                  _local_gpus(int(env["SLURM_LOCALID"]), _slurm_tasks_on_node(env), env))
   if "OMPI_COMM_WORLD_SIZE" in env and int(env["OMPI_COMM_WORLD_SIZE"]) > 1:
     addr = addr or env.get("SPP_JAX_COORDINATOR_ADDRESS")
     if addr is None:
@@ -124,7 +130,7 @@ def detect(dist_cfg, env: Mapping[str, str] | None = None, *, coordinator_addres
     return Launch("openmpi", addr, int(env["OMPI_COMM_WORLD_SIZE"]),
                   int(env["OMPI_COMM_WORLD_RANK"]),
                   _local_gpus(int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")),
-                              int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))))
+                              int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")), env))
   addr = addr or env.get("JAX_COORDINATOR_ADDRESS")
   if addr:
     return _explicit(addr, nproc, pid)
@@ -149,7 +155,11 @@ def initialize(dist_cfg, **overrides) -> Launch:
   if not launch.multi_process or jax.distributed.is_initialized():
     return launch
   if launch.kind == "tpu":
-    jax.distributed.initialize()
+    try:  # JAX reads the pod's workers from the TPU VM's metadata.
+      jax.distributed.initialize()
+    except ValueError as e:  # A single-host TPU VM (Colab) has no pod to join.
+      log.info("TPU VM without a pod (%s): one process", e)
+      return Launch("single")
   else:
     # Our own detection decided everything: JAX's would restrict each process to one GPU.
     jax.distributed.initialize(
