@@ -38,9 +38,9 @@ class SPPNet(nnx.Module):
   """
 
   def __init__(self, arch: Architecture, *, num_classes: int, rngs: nnx.Rngs,
-               spp_levels: Sequence[Level] = (6, 3, 2, 1), head: str = "spp",
-               fc_width: int = 4096, dropout_rate: float = 0.5, base_size: int | None = None,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               spp_levels: Sequence[Level], head: str, fc_width: int, dropout_rate: float,
+               base_size: int | None, dtype, param_dtype):
+    # No defaults here: models.create passes every option (registry.DEFAULT_OPTIONS).
     if head not in HEADS:
       raise ValueError(f"head must be one of {HEADS}, got head={head!r}")
     self.arch = arch
