@@ -12,7 +12,7 @@ import fakes
 from spp_jax.train import load_params, parallel, schedules, state as state_lib
 from spp_jax.train import train_and_evaluate
 from spp_jax.train.config_schema import ConfigError
-from spp_jax.train.init_from import flatten, match, warm_start
+from spp_jax.train.init_from import flatten, match, transfer, warm_start
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,20 @@ def test_transfer_config_builds_the_source_runs_network(arg):
   if arg != "tiny":
     assert flowers.data.name == "oxford_flowers102"
     assert flowers.optimizer.learning_rate < source.optimizer.learning_rate
+
+
+def test_transfer_into_a_detection_style_model(source_run):
+  """`transfer` on an nnx model's parameters: the backbone by name, its own classifier kept
+  (detection's classes + 1 outputs)."""
+  from flax import nnx
+
+  model = fakes.TinyModels.create("tiny", num_classes=5, rngs=nnx.Rngs(params=3, dropout=4),
+                                  spp_levels=(2, 1), fc_width=16)
+  before = {k: np.asarray(v) for k, v in flatten(nnx.state(model, nnx.Param)).items()}
+  params, report = transfer(nnx.state(model, nnx.Param), source_run)
+  nnx.update(model, params)
+  after = {k: np.asarray(v) for k, v in flatten(nnx.state(model, nnx.Param)).items()}
+  source = flatten(load_params(source_run))
+  assert report.reinitialised == ["classifier/bias", "classifier/kernel"]
+  np.testing.assert_array_equal(after["fc/kernel"], source["fc/kernel"])
+  np.testing.assert_array_equal(after["classifier/kernel"], before["classifier/kernel"])

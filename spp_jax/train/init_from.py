@@ -13,7 +13,7 @@ the other run's checkpoint:
 Only parameters come over: the optimiser state is initialised for them, the step is 0, and
 dropout keys and the data order come from this config's seed. A resumed run restores its own
 checkpoint and does not read init_from again. Detection takes its backbone the same way
-(`match`, with the classifier replaced by its own).
+(`transfer`, keeping its own classifier).
 """
 
 from __future__ import annotations
@@ -124,6 +124,26 @@ def source_params(workdir: str, step: int | None) -> dict[str, np.ndarray]:
   return flatten(load_params(workdir, step))
 
 
+def transfer(params, workdir: str, step: int | None = None):
+  """params (an nnx State, or any pytree of arrays) with every leaf taken by name from the
+  checkpoint of `workdir` at `step` (None: latest) under the rules above, each placed where the
+  leaf it replaces was. Returns (params, Report).
+
+  Detection takes its backbone this way: `nnx.update(model, transfer(nnx.state(model,
+  nnx.Param), workdir)[0])` keeps its own (classes + 1)-way classifier.
+  """
+  values, report = match(flatten(params), source_params(workdir, step), where=workdir)
+
+  def take(path, old):
+    new = values[_name(path)]
+    if new is old:
+      return old
+    new = np.asarray(new).astype(old.dtype)
+    return jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new
+
+  return jax.tree_util.tree_map_with_path(take, params), report
+
+
 def warm_start(state, config, tx, *, event: Callable[[dict], None] | None = None):
   """A fresh TrainState with its parameters from config.init_from (unchanged if unset).
 
@@ -135,16 +155,7 @@ def warm_start(state, config, tx, *, event: Callable[[dict], None] | None = None
     return state
   workdir = os.path.abspath(os.path.expanduser(workdir))
   step = config.get("init_from_step")
-  own = flatten(state.params)
-  values, report = match(own, source_params(workdir, step), where=workdir)
-
-  def take(path, old):
-    new = values[_name(path)]
-    if new is old:
-      return old
-    return jax.device_put(np.asarray(new).astype(old.dtype), old.sharding)
-
-  params = jax.tree_util.tree_map_with_path(take, state.params)
+  params, report = transfer(state.params, workdir, step)
   sharding = jax.tree.leaves(state.params)[0].sharding
   opt_state = jax.jit(tx.init, out_shardings=sharding)(params)
   log.info("init_from %s (step %s): copied %d parameters; re-initialised %s", workdir,
