@@ -5,8 +5,9 @@ r"""Transfer: Oxford Flowers-102 fine-tuned from an Imagenette run of ZF-5 with 
   python -m spp_jax.main --config configs/flowers_from_imagenette.py \
       --workdir workdirs/flowers_30k --config.init_from=workdirs/imagenette \
       --config.init_from_step=30000
+  python -m spp_jax.main --config configs/imagenette.py:tiny --workdir /tmp/imagenette_tiny
   python -m spp_jax.main --config configs/flowers_from_imagenette.py:tiny \
-      --workdir /tmp/flowers_tiny --config.init_from=/tmp/imagenette_tiny  # after imagenette.py:tiny
+      --workdir /tmp/flowers_tiny  # init_from=/tmp/imagenette_tiny: the same 10 classes
 
 config.init_from names the Imagenette workdir (default workdirs/imagenette, its latest
 checkpoint; init_from_step picks another). Its conv and fc parameters are copied by name; the
