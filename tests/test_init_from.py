@@ -145,3 +145,8 @@ def test_transfer_into_a_detection_style_model(source_run):
   assert report.reinitialised == ["classifier/bias", "classifier/kernel"]
   np.testing.assert_array_equal(after["fc/kernel"], source["fc/kernel"])
   np.testing.assert_array_equal(after["classifier/kernel"], before["classifier/kernel"])
+  same_shape = fakes.TinyModels.create("tiny", num_classes=4, rngs=nnx.Rngs(params=3, dropout=4))
+  own = flatten(nnx.state(same_shape, nnx.Param))
+  params, report = transfer(nnx.state(same_shape, nnx.Param), source_run, fresh=("classifier",))
+  assert report.reinitialised == ["classifier/bias", "classifier/kernel"]
+  np.testing.assert_array_equal(flatten(params)["classifier/kernel"], own["classifier/kernel"])

@@ -68,12 +68,14 @@ def _listed(names: list[str]) -> str:
 
 
 def match(target: Mapping[str, object], source: Mapping[str, object], *, where: str,
-          reinit_layers: tuple[str, ...] = REINIT_LAYERS) -> tuple[dict, Report]:
+          reinit_layers: tuple[str, ...] = REINIT_LAYERS, fresh: tuple[str, ...] = ()
+          ) -> tuple[dict, Report]:
   """The source value of every target parameter, by name.
 
   target, source: flat {"layer/param": array} (see `flatten`). Returns ({name: value} for
   every target name: the source's array, or the target's own where it is re-initialised) and
-  the report. Raises ConfigError naming every mismatch outside `reinit_layers`.
+  the report. Raises ConfigError naming every mismatch outside `reinit_layers`. Layers in
+  `fresh` keep the target's values even where the shapes agree.
   """
   def reinit_ok(name):
     return name.split("/")[0] in reinit_layers
@@ -94,7 +96,8 @@ def match(target: Mapping[str, object], source: Mapping[str, object], *, where: 
                       f"network's by name; " + "; ".join(problems))
   out, report = {}, Report(copied=[], reinitialised=[])
   for name, value in target.items():
-    if name in source and np.shape(source[name]) == np.shape(value):
+    if (name in source and np.shape(source[name]) == np.shape(value)
+        and name.split("/")[0] not in fresh):
       out[name] = source[name]
       report.copied.append(name)
     else:
@@ -124,15 +127,16 @@ def source_params(workdir: str, step: int | None) -> dict[str, np.ndarray]:
   return flatten(load_params(workdir, step))
 
 
-def transfer(params, workdir: str, step: int | None = None):
+def transfer(params, workdir: str, step: int | None = None, *, fresh: tuple[str, ...] = ()):
   """params (an nnx State, or any pytree of arrays) with every leaf taken by name from the
   checkpoint of `workdir` at `step` (None: latest) under the rules above, each placed where the
-  leaf it replaces was. Returns (params, Report).
+  leaf it replaces was; layers in `fresh` stay as they are. Returns (params, Report).
 
   Detection takes its backbone this way: `nnx.update(model, transfer(nnx.state(model,
-  nnx.Param), workdir)[0])` keeps its own (classes + 1)-way classifier.
+  nnx.Param), workdir, fresh=("classifier",))[0])` keeps its (classes + 1)-way classifier.
   """
-  values, report = match(flatten(params), source_params(workdir, step), where=workdir)
+  values, report = match(flatten(params), source_params(workdir, step), where=workdir,
+                         fresh=fresh)
 
   def take(path, old):
     new = values[_name(path)]
