@@ -11,6 +11,7 @@ v4 without megacore) gets half the chip.
   per_device(chip, devices)         one device's share of its chip
   select_devices(topology, count)   "local", "v5e:2x2" or "v5e-1" -> devices to compile for
   device_chip(devices, every)       the figures `plan` uses for one of them
+  describe(devices, every, name)    one line naming them and those figures
 
 libtpu is found through $SPP_JAX_LIBTPU_PATH (a directory holding the `libtpu` package or
 libtpu.so, or the file), $TPU_LIBRARY_PATH, or the importable `libtpu` package (the tpu extra).
@@ -180,3 +181,16 @@ def device_chip(devices: Sequence, every: Sequence) -> Chip | None:
     return None if not limit else Chip(str(devices[0].device_kind), 0.0, 0.0, int(limit))
   chip = per_device(chip, every)
   return dataclasses.replace(chip, hbm_bytes=int(limit)) if limit else chip
+
+
+def describe(devices: Sequence, every: Sequence, topology: str) -> str:
+  """One line: the device kind, how many of the topology's devices, the chip figures used."""
+  chip = device_chip(devices, every)
+  kind = devices[0].device_kind
+  head = f"{len(devices)} of {len(every)} {topology} device(s)"
+  if chip is None:
+    return f"{kind}, {head}: no chip figures (spp_jax/chips.py)"
+  if not chip.peak_flops:
+    return f"{kind}, {head}; per device: {chip.hbm_bytes / GIB:.2f} GiB"
+  return (f"{kind} ({chip.name}), {head}; per device: {chip.peak_flops / 1e12:.0f} TFLOP/s "
+          f"bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s, {chip.hbm_bytes / GIB:.2f} GiB")

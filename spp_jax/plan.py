@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,8 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from spp_jax import chips
-from spp_jax.data import pipeline, settings, sources, transforms
-from spp_jax.train import loop, parallel, schedules, state as state_lib
+from spp_jax.data import examples, pipeline, settings, sources, transforms
+from spp_jax.train import loop, parallel, preflight, schedules, state as state_lib
 from spp_jax.train.config_schema import ConfigError
 from spp_jax.train.model import default_registry
 from spp_jax.train.steps import make_eval_step, make_train_step
@@ -67,18 +68,51 @@ class Program:
   rebuild: Callable[[int], Program] | None = None  # the same program at another batch
 
 
-def batch_specs(batch: int, shape: tuple[int, int], sharding, *, views: int | None = None):
-  """ShapeDtypeStructs of the batch the trainer feeds its steps: the host batch of
-  spp_jax/data/pipeline.py (its layout docstring) reduced to parallel.BATCH_KEYS.
+def _structs(specs: dict, sharding) -> dict:
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for k, (shape, dtype) in specs.items()}
 
-  views None: a training batch, image (B, H, W, 3), image_size (B, 2); else an eval batch,
-  image (B, V, H, W, 3), image_size (B, V, 2). Both: label (B,) int32, mask (B,) float32.
+
+def train_batch_specs(data_cfg, batch: int, shape: tuple[int, int], sharding) -> dict:
+  """ShapeDtypeStructs of the training batches the trainer feeds its step: the layouts of
+  spp_jax/data/pipeline.py (assemble.py) that parallel.to_global keeps.
+
+  image (B, H, W, 3) float32, or uint8 pixels with flip (B,) bool (data.batch_dtype);
+  image_size (B, 2) int32; label (B,) int32; mask (B,) float32.
   """
-  lead = (batch,) if views is None else (batch, views)
-  specs = dict(image=(lead + tuple(shape) + (3,), jnp.float32),
-               image_size=(lead + (2,), jnp.int32), label=((batch,), jnp.int32),
+  pixels = settings.data_settings(data_cfg).batch_dtype == "uint8"
+  specs = dict(image=((batch,) + tuple(shape) + (3,), jnp.uint8 if pixels else jnp.float32),
+               image_size=((batch, 2), jnp.int32), label=((batch,), jnp.int32),
                mask=((batch,), jnp.float32))
-  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in specs.items()}
+  if pixels:
+    specs["flip"] = ((batch,), jnp.bool_)
+  return _structs(specs, sharding)
+
+
+def eval_batch_specs(data_cfg, view, variant, batch: int, sharding) -> dict:
+  """ShapeDtypeStructs of one eval view's batches (see `train_batch_specs`).
+
+  float32: image (B, V, H, W, 3), image_size (B, V, 2). uint8: ten_view sends one canvas per
+  image, image (B, Hc, Wc, 3) with view_offsets (B, 5, 2) int32 and transposed (B,) bool;
+  multiscale one image per scale (the device mirrors them), image (B, S, H, W, 3); the others
+  image (B, V, H, W, 3). All: label (B,) int32, mask (B,) float32.
+  """
+  s = settings.data_settings(data_cfg)
+  v = settings.view_settings(view, s)
+  (h, w), views, _, _ = variant
+  common = dict(label=((batch,), jnp.int32), mask=((batch,), jnp.float32))
+  if s.batch_dtype != "uint8":
+    return _structs(dict(image=((batch, views, h, w, 3), jnp.float32),
+                         image_size=((batch, views, 2), jnp.int32), **common), sharding)
+  if v.kind == "ten_view":
+    hc, wc = examples.ten_view_canvas_shape(v)
+    return _structs(dict(image=((batch, hc, wc, 3), jnp.uint8),
+                         image_size=((batch, views, 2), jnp.int32),
+                         view_offsets=((batch, 5, 2), jnp.int32),
+                         transposed=((batch,), jnp.bool_), **common), sharding)
+  sent = len(v.scales) if v.kind == "multiscale" else views
+  return _structs(dict(image=((batch, sent, h, w, 3), jnp.uint8),
+                       image_size=((batch, sent, 2), jnp.int32), **common), sharding)
 
 
 @dataclasses.dataclass
@@ -99,7 +133,7 @@ class Setup:
       spec = validate_config(config, device_count=len(devices), process_count=1, models=models)
     except ConfigError as e:
       raise PlanError(str(e)) from None
-    data_cfg = loop.prepared_data_config(config, spec.min_input_size)
+    data_cfg = preflight.prepared_data_config(config, spec.min_input_size)
     if num_classes is None:
       num_classes = dataset_classes(data_cfg)
     schedule = schedules.learning_rate_schedule(config.optimizer, _STEPS_PER_EPOCH,
@@ -141,11 +175,14 @@ def train_program(setup: Setup, shape: tuple[int, int], batch: int) -> Program:
   """The train step jitted as the trainer jits it (train/loop.py), at one input shape."""
   rep, sharded = parallel.replicated(setup.mesh), parallel.batch_sharded(setup.mesh)
   fn = jax.jit(make_train_step(setup.defs.train, setup.tx,
-                               use_image_sizes=setup.config.train.mode == "full_image"),
+                               use_image_sizes=setup.config.train.mode == "full_image",
+                               data=setup.data_cfg,
+                               augment_key=loop.augment_key(int(setup.config.seed))),
                in_shardings=(rep, sharded), out_shardings=(rep, rep), donate_argnums=0)
   h, w = shape
-  return Program(f"train {h}x{w}", fn, (setup.state, batch_specs(batch, shape, sharded)), batch,
-                 batch * h * w, "train", lambda b: train_program(setup, shape, b))
+  specs = train_batch_specs(setup.data_cfg, batch, shape, sharded)
+  return Program(f"train {h}x{w}", fn, (setup.state, specs), batch, batch * h * w, "train",
+                 lambda b: train_program(setup, shape, b))
 
 
 def eval_variants(setup: Setup, view) -> list[tuple[tuple[int, int], int, bool, tuple | None]]:
@@ -167,9 +204,11 @@ def eval_variants(setup: Setup, view) -> list[tuple[tuple[int, int], int, bool, 
 def eval_program(setup: Setup, view, variant, batch: int) -> Program:
   """The eval step jitted as the Evaluator jits it (train/evaluate.py), for one batch shape."""
   (h, w), views, sized, shapes = variant
-  fn = jax.jit(make_eval_step(setup.defs.eval, use_image_sizes=sized, view_shapes=shapes),
+  fn = jax.jit(make_eval_step(setup.defs.eval, use_image_sizes=sized, view=view,
+                              data=setup.data_cfg, view_shapes=shapes),
                out_shardings=parallel.replicated(setup.mesh))
-  specs = batch_specs(batch, (h, w), parallel.batch_sharded(setup.mesh), views=views)
+  specs = eval_batch_specs(setup.data_cfg, view, variant, batch,
+                           parallel.batch_sharded(setup.mesh))
   pixels = sum(a * b for a, b in shapes) if shapes else views * h * w
   return Program(f"eval:{view.name} {views}x{h}x{w}", fn, (setup.state, specs), batch,
                  batch * pixels, "eval", lambda b: eval_program(setup, view, variant, b))
@@ -189,17 +228,18 @@ def programs(setup: Setup, *, train_batch: int, eval_batch: int) -> list[Program
 
 @dataclasses.dataclass
 class Figures:
-  """One compiled program, per device; None where the compiler or the chip table has none."""
+  """One compiled program, per device; None where the compiler or the chip table has none
+  (a program XLA refused for lack of memory has only its name, batch and memory figures)."""
   name: str
   batch: int
-  flops: float
-  bytes_accessed: float
-  bytes_per_pixel: float  # bytes accessed per input pixel of the global batch
-  argument_bytes: int
-  output_bytes: int
-  alias_bytes: int
-  temp_bytes: int
-  total_bytes: int  # arguments + outputs - donated aliases + temporaries + code
+  flops: float | None
+  bytes_accessed: float | None
+  bytes_per_pixel: float | None  # bytes accessed per input pixel of the global batch
+  argument_bytes: int | None
+  output_bytes: int | None
+  alias_bytes: int | None
+  temp_bytes: int | None
+  total_bytes: int | None  # arguments + outputs - donated aliases + temporaries + code
   capacity_bytes: int | None
   fits: bool | None
   xla_seconds: float | None
@@ -208,6 +248,7 @@ class Figures:
   images_per_second: float | None
   compile_seconds: float
   fitting_batch: int | None = None  # an eval step that does not fit: the batch that does
+  error: str | None = None  # XLA's out-of-memory message
 
 
 def cost_analysis(compiled) -> dict:
@@ -245,16 +286,44 @@ def compile_program(program: Program):
   return compiled, time.perf_counter() - start
 
 
-def fitting_batch(program: Program, chip: chips.Chip, n_devices: int,
+_SIZE = r"\(([\d.]+)([KMGT]?)\)"
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def out_of_memory(program: Program, message: str, seconds: float) -> Figures:
+  """The Figures of a program XLA refused to compile for lack of memory (XLA:TPU checks the
+  device's HBM while compiling): "... required for X (29.42G) exceeds available HBM (15.75G)"."""
+  m = re.search(_SIZE + r" exceeds available \w+ " + _SIZE, message)
+  need, have = ((int(float(m.group(1)) * _UNITS[m.group(2)]),
+                 int(float(m.group(3)) * _UNITS[m.group(4)])) if m else (None, None))
+  none = dict.fromkeys(("flops", "bytes_accessed", "bytes_per_pixel", "argument_bytes",
+                        "output_bytes", "alias_bytes", "temp_bytes", "xla_seconds",
+                        "bound_seconds", "bound_by", "images_per_second"))
+  return Figures(program.name, program.batch, total_bytes=need, capacity_bytes=have,
+                 fits=False, compile_seconds=seconds, error=message.strip().splitlines()[0],
+                 **none)
+
+
+def measure(program: Program, chip: chips.Chip | None, n_devices: int) -> Figures:
+  """Compiles `program` and analyses it; a program too large for the device does not fit."""
+  start = time.perf_counter()
+  try:
+    compiled, seconds = compile_program(program)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return out_of_memory(program, str(e), time.perf_counter() - start)
+  return analyse(program, compiled, chip, n_devices, seconds)
+
+
+def fitting_batch(program: Program, chip: chips.Chip | None, n_devices: int,
                   log: Callable[[str], None]) -> int | None:
   """The first batch that fits, halving program.batch while it divides over the devices."""
   batch = program.batch
   while batch // 2 >= n_devices and (batch // 2) % n_devices == 0:
     batch //= 2
-    smaller = program.rebuild(batch)
-    compiled, seconds = compile_program(smaller)
-    figures = analyse(smaller, compiled, chip, n_devices, seconds)
-    log(f"  {smaller.name} at batch {batch}: {_gib(figures.total_bytes)} GiB")
+    figures = measure(program.rebuild(batch), chip, n_devices)
+    log(f"  {figures.name} at batch {batch}: {_gib(figures.total_bytes)} GiB")
     if figures.fits:
       return batch
   return None
@@ -273,9 +342,7 @@ def make_plan(config, devices: Sequence, every: Sequence | None = None, *,
     if only and not any(program.name.startswith(o) for o in only):
       continue
     log(f"compiling {program.name} (batch {program.batch}) ...")
-    compiled, seconds = compile_program(program)
-    figures = analyse(program, compiled, chip, len(devices), seconds)
-    del compiled  # one executable at a time: ZF-5 programs are large
+    figures = measure(program, chip, len(devices))
     if program.kind == "eval" and figures.fits is False:
       figures.fitting_batch = fitting_batch(program, chip, len(devices), log)
     out.append(figures)
@@ -283,19 +350,6 @@ def make_plan(config, devices: Sequence, every: Sequence | None = None, *,
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def describe_target(devices: Sequence, every: Sequence, topology: str) -> str:
-  """One line: the device kind, how many of the topology's devices, the chip figures used."""
-  chip = chips.device_chip(devices, every)
-  head = f"{devices[0].device_kind}, {len(devices)} of {len(every)} {topology} device(s)"
-  if chip is None:
-    return f"{head}: no chip figures (spp_jax/chips.py)"
-  if not chip.peak_flops:
-    return f"{head}; per device: {_gib(chip.hbm_bytes)} GiB"
-  return (f"{head} ({chip.name}); per device: {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
-          f"{chip.hbm_bandwidth / 1e9:.0f} GB/s, {_gib(chip.hbm_bytes)} GiB")
-
 
 
 def _gib(n) -> str:
@@ -306,15 +360,19 @@ _COLUMNS = ("program", "batch", "GFLOP", "GB accessed", "B/pixel", "args GiB", "
             "total GiB", "fits", "free GiB", "XLA ms", "bound ms", "img/s", "compile s")
 
 
+def _num(value, scale: float, digits: int) -> str:
+  return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
 def _row(f: Figures) -> tuple[str, ...]:
-  free = None if f.capacity_bytes is None else f.capacity_bytes - f.total_bytes
-  return (f.name, str(f.batch), f"{f.flops / 1e9:.1f}", f"{f.bytes_accessed / 1e9:.2f}",
-          f"{f.bytes_per_pixel:.0f}", _gib(f.argument_bytes), _gib(f.temp_bytes),
+  free = (None if f.capacity_bytes is None or f.total_bytes is None
+          else f.capacity_bytes - f.total_bytes)
+  return (f.name, str(f.batch), _num(f.flops, 1e9, 1), _num(f.bytes_accessed, 1e9, 2),
+          _num(f.bytes_per_pixel, 1, 0), _gib(f.argument_bytes), _gib(f.temp_bytes),
           _gib(f.total_bytes), "-" if f.fits is None else ("yes" if f.fits else "NO"),
-          _gib(free), "-" if f.xla_seconds is None else f"{f.xla_seconds * 1e3:.1f}",
+          _gib(free), _num(f.xla_seconds, 1e-3, 1),
           "-" if f.bound_seconds is None else f"{f.bound_seconds * 1e3:.1f} ({f.bound_by[:3]})",
-          "-" if f.images_per_second is None else f"{f.images_per_second:.0f}",
-          f"{f.compile_seconds:.1f}")
+          _num(f.images_per_second, 1, 0), f"{f.compile_seconds:.1f}")
 
 
 def format_figures(figures: Sequence[Figures]) -> str:
@@ -328,7 +386,8 @@ def format_figures(figures: Sequence[Figures]) -> str:
       lines.append(f"{f.name}: does not fit at batch {f.batch}; batch {f.fitting_batch} fits "
                    f"(--config.eval.batch_size={f.fitting_batch})")
     elif f.fits is False:
-      lines.append(f"{f.name}: does not fit at batch {f.batch}")
+      lines.append(f"{f.name}: does not fit at batch {f.batch}"
+                   + (f" ({f.error})" if f.error else ""))
   return "\n".join(lines)
 
 
@@ -342,7 +401,7 @@ def run(config, topology: str = "local", *, devices: int | None = None,
   log = (lambda m: None) if as_json else (lambda m: print(m, file=sys.stderr, flush=True))
   try:
     chosen, every, name = chips.select_devices(topology, devices)
-    target = describe_target(chosen, every, name)
+    target = chips.describe(chosen, every, name)
     log(f"plan for {target}")
     figures = make_plan(config, chosen, every, only=tuple(only), num_classes=num_classes,
                         log=log)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -163,6 +164,41 @@ def test_no_chip_no_roofline():
   assert "train 224x224" in plan.format_figures([f])
 
 
+_OOM = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (29.42G) exceeds available HBM (15.75G).")
+
+
+class _FailsAbove:
+  """A jitted function whose compile XLA refuses, as XLA:TPU does, above `limit` examples."""
+
+  def __init__(self, batch: int, limit: int):
+    self.batch, self.limit = batch, limit
+
+  def trace(self, *args):
+    import jax
+    if self.batch > self.limit:
+      raise jax.errors.JaxRuntimeError(_OOM)
+    compiled = _Compiled(1e12, 30e9, -1.0)
+    return types.SimpleNamespace(lower=lambda: types.SimpleNamespace(compile=lambda: compiled))
+
+
+def _eval_program(batch: int) -> plan.Program:
+  return plan.Program("eval:ten_view 10x224x224", _FailsAbove(batch, 64), (), batch,
+                      batch * 10 * 224 * 224, "eval", _eval_program)
+
+
+def test_a_program_xla_refuses_for_memory_does_not_fit():
+  f = plan.measure(_eval_program(256), _CHIP, 1)
+  assert f.fits is False and f.flops is None and f.bound_seconds is None
+  assert f.total_bytes == int(29.42 * chips.GIB) and f.capacity_bytes == int(15.75 * chips.GIB)
+  assert "exceeds available HBM (15.75G)" in plan.format_figures([f])
+
+
+def test_eval_batch_halves_past_out_of_memory_compiles():
+  assert plan.fitting_batch(_eval_program(256), _CHIP, 1, lambda _: None) == 64
+  assert plan.fitting_batch(_eval_program(256), _CHIP, 128, lambda _: None) is None
+
+
 # ----------------------------------------------------------------------------- programs
 
 
@@ -218,17 +254,21 @@ def _spec_layout(specs) -> dict:
   return {k: (tuple(s.shape), np.dtype(s.dtype)) for k, s in specs.items()}
 
 
+@pytest.mark.parametrize("batch_dtype", ["uint8", "float32"])
 @pytest.mark.parametrize("arg", ["tiny", "tiny,full_image"])
-def test_batch_specs_are_the_pipelines_batches(arg, data_dir):
+def test_batch_specs_are_the_pipelines_batches(arg, batch_dtype, data_dir):
   """The programs compile for exactly what the trainer feeds: every real batch's keys, shapes
   and dtypes (after parallel.to_global's selection) are one program's abstract batch."""
   import jax
   from spp_jax import data
-  from spp_jax.train import schedules
+  from spp_jax.train import schedules, view
 
   config = _config(arg)
   with config.unlocked():
     config.data.data_dir = data_dir
+    config.data.batch_dtype = batch_dtype
+    config.eval.views = list(config.eval.views) + [
+        view("multiscale", "multiscale", scales=(56, 72), flip=True)]
   s = plan.Setup.create(config, jax.devices()[:1], num_classes=10)
   progs = plan.programs(s, train_batch=16, eval_batch=16)
   specs = {p.name: _spec_layout(p.args[1]) for p in progs}

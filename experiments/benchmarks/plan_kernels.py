@@ -7,12 +7,13 @@ by side, compiled for a TPU without a chip (spp_jax.plan).
 
 "old" and "new" are two versions of this repository: git revisions (exported with `git
 archive`) or "worktree" (the files as they are). Each is planned in its own child process from
-its own tree, with this tree's spp_jax/plan.py and chips.py copied in, so each side compiles
-its own max pooling, LRN and SPP op exactly as its training would. The default old side,
-9b6dca2, is the last revision before per-platform kernels: the XLA:CPU-tuned custom VJPs on
-every platform. Two reference formulations written here (`lax.reduce_window` max pooling with
-its select_and_scatter gradient, LRN by autodiff of reduce_window sums) come with the old side,
-so the table means something even when both sides hold the same kernels.
+its own tree, so each side compiles its own max pooling, LRN and SPP op exactly as its training
+would; a revision without spp_jax/plan.py gets the plan of --plan_rev, the first revision with
+one. The default old side, 9b6dca2, is the last revision before per-platform kernels: the
+XLA:CPU-tuned custom VJPs on every platform. Two reference formulations written here
+(`lax.reduce_window` max pooling with its select_and_scatter gradient, LRN by autodiff of
+reduce_window sums) come with the old side, so the table means something even when both sides
+hold the same kernels.
 
 Op shapes are ZF-5's at B=128, 224x224 crops, bf16 (models/zf.py): conv1's output
 110x110x96 (norm1, pool1), conv5's 13x13x256 (SPP) and a full-image bucket's 15x19x256 with
@@ -33,9 +34,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PLAN_FILES = ("spp_jax/plan.py", "spp_jax/chips.py")
+# The first revision with spp_jax/plan.py; its plan fits the trainer of the revisions before.
+PLAN_REV = "cb82b2c"
 B = 128
 LEVELS = (6, 3, 2, 1)
 ZF_LRN = dict(size=3, alpha=5e-5, beta=0.75, k=1.0, region="within_channel")
@@ -97,36 +101,37 @@ def _fwd_bwd(fn):
 
 
 def _compile_op(fn, shape, sizes_shape, dtype, device):
+  """XLA's figures for f(x, g[, sizes]) = forward + backward of fn, on one device."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from spp_jax import plan
 
-  mesh = jax.sharding.Mesh([device], ("data",))
-  rep = NamedSharding(mesh, P())
-  x = jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
-  args = [x]
+  rep = NamedSharding(jax.sharding.Mesh([device], ("data",)), P())
+  args = [jax.ShapeDtypeStruct(shape, dtype, sharding=rep)]
   if sizes_shape is not None:
     args.append(jax.ShapeDtypeStruct(sizes_shape, jnp.int32, sharding=rep))
   y = jax.eval_shape(fn, *args)
   g = jax.ShapeDtypeStruct(y.shape, y.dtype, sharding=rep)
-  f = _fwd_bwd(fn)
-  program = plan.Program("op", jax.jit(f), (x, g, *args[1:]), B, 0, "op")
-  compiled, seconds = plan.compile_program(program)
-  cost, mem = plan.cost_analysis(compiled), compiled.memory_analysis()
+  start = time.perf_counter()
+  compiled = jax.jit(_fwd_bwd(fn)).trace(args[0], g, *args[1:]).lower().compile()
+  seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return dict(bytes=float(cost.get("bytes accessed", 0.0)), flops=float(cost.get("flops", 0.0)),
-              temp=int(mem.temp_size_in_bytes), seconds=seconds)
+              temp=int(compiled.memory_analysis().temp_size_in_bytes), seconds=seconds)
 
 
 def worker(args) -> dict:
-  from spp_jax import chips, plan
+  from spp_jax import chips
 
   devices, every, name = chips.select_devices(args.topology)
-  out = dict(ops={}, steps={}, target=plan.describe_target(devices, every, name))
+  out = dict(ops={}, steps={}, target=f"{devices[0].device_kind}, 1 of {len(every)} {name} "
+             f"device(s)")
   for op, (fn, shape, sizes, dtype) in _op_programs(args.reference).items():
     out["ops"][op] = _compile_op(fn, shape, sizes, dtype, devices[0])
     print(f"  {op}: {out['ops'][op]['bytes'] / 1e9:.3f} GB", file=sys.stderr, flush=True)
   if args.steps:
+    from spp_jax import plan
     for config_arg, program in STEPS:
       config = _load_config(config_arg)
       with config.unlocked():
@@ -153,18 +158,23 @@ def _load_config(arg: str):
 # ----------------------------------------------------------------------------- driver
 
 
-def _tree(rev: str, scratch: str) -> str:
-  """A directory holding the repository at `rev` ("worktree": this checkout's files)."""
+def _tree(rev: str, scratch: str, plan_rev: str) -> str:
+  """A directory holding the repository at `rev` ("worktree": this checkout's files), with
+  this script, and spp_jax/plan.py and chips.py from `plan_rev` where `rev` has none."""
   if rev == "worktree":
     return _ROOT
   path = os.path.join(scratch, rev.replace("/", "_"))
   os.makedirs(path)
-  archive = subprocess.run(["git", "-C", _ROOT, "archive", rev], check=True,
-                           capture_output=True).stdout
-  subprocess.run(["tar", "-x", "-C", path], input=archive, check=True)
-  for name in _PLAN_FILES + ("experiments/benchmarks/plan_kernels.py",):
-    os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
-    shutil.copy(os.path.join(_ROOT, name), os.path.join(path, name))
+  subprocess.run(["tar", "-x", "-C", path], check=True, input=subprocess.run(
+      ["git", "-C", _ROOT, "archive", rev], check=True, capture_output=True).stdout)
+  if not os.path.exists(os.path.join(path, "spp_jax", "plan.py")):
+    for name in _PLAN_FILES:
+      with open(os.path.join(path, name), "wb") as f:
+        f.write(subprocess.run(["git", "-C", _ROOT, "show", f"{plan_rev}:{name}"], check=True,
+                               capture_output=True).stdout)
+  script = os.path.join(path, "experiments", "benchmarks", "plan_kernels.py")
+  os.makedirs(os.path.dirname(script), exist_ok=True)
+  shutil.copy(os.path.abspath(__file__), script)
   return path
 
 
@@ -201,6 +211,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--old", default="9b6dca2", help="revision or 'worktree'")
   parser.add_argument("--new", default="worktree", help="revision or 'worktree'")
+  parser.add_argument("--plan_rev", default=PLAN_REV, help="spp_jax/plan.py for revisions "
+                      "without one")
   parser.add_argument("--topology", default="v5e-1")
   parser.add_argument("--steps", action="store_true", help="also the whole ZF-5 steps")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -213,7 +225,7 @@ def main():
     sides = {}
     for label, rev, reference in (("old", args.old, True), ("new", args.new, False)):
       print(f"{label}: {rev}", file=sys.stderr, flush=True)
-      sides[label] = _run_side(_tree(rev, scratch), args, reference)
+      sides[label] = _run_side(_tree(rev, scratch, args.plan_rev), args, reference)
   old, new = sides["old"], sides["new"]
   print(f"{new['target']}\nold: {args.old}   new: {args.new}   (ops: forward + backward, "
         f"bf16, B={B})")
