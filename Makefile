@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77,<81"
 	$(PY) -m pip install -q -c requirements-lock.txt -e '.[test]'
 	touch $(STAMP)
 

@@ -283,3 +283,28 @@ def test_tiny_end_to_end_beats_an_untrained_head(tmp_path):
   assert spp["train_windows"]["positive"] > 0 and spp["train_windows"]["negative"] > 0
   assert spp["finetune_loss"]["last"] < spp["finetune_loss"]["first"]
   assert spp["map_11point"] > spp["untrained"]["map_11point"] + 0.05
+
+
+def test_backbone_comes_from_a_classification_run_by_name(tmp_path):
+  """load_backbone copies every conv and fc layer of a classification checkpoint and keeps the
+  detection model's own (classes + 1)-way classifier."""
+  import jax
+
+  from spp_jax.detection.run import build_model, load_backbone
+  from spp_jax.train.checkpoint import load_params
+  from workdirs import demo_config, untrained_run
+
+  cls = demo_config("tiny")
+  workdir = untrained_run(tmp_path / "cls", cls)
+  det = build_model(cls.model, num_classes=11, seed=7)
+  before = nnx.to_pure_dict(nnx.state(det, nnx.Param))
+  logs = []
+  assert load_backbone(det, dict(workdir=workdir), log=logs.append) == workdir
+  after = nnx.to_pure_dict(nnx.state(det, nnx.Param))
+  saved = load_params(workdir)
+  np.testing.assert_array_equal(after["fc6"]["kernel"], saved["fc6"]["kernel"])
+  np.testing.assert_array_equal(after["conv1"]["conv"]["kernel"],
+                                saved["conv1"]["conv"]["kernel"])
+  for a, b in zip(jax.tree.leaves(after["classifier"]), jax.tree.leaves(before["classifier"])):
+    np.testing.assert_array_equal(a, b)
+  assert "classifier" in logs[-1]

@@ -14,7 +14,7 @@ from spp_jax import sweep
 
 def get_config(arg=None):
   opts = dict(p.partition("=")[::2] for p in (arg or "").split(",") if p)
-  base = "configs/demo.py" + (":tiny" if "tiny" in opts else "")
+  base = "demo.py" + (":tiny" if "tiny" in opts else "")
   regimes = {"no SPP": {sweep.ARG: "nospp"},
              "SPP single-size": {sweep.ARG: "single"},
              "SPP multi-size": {sweep.ARG: "multi"}}

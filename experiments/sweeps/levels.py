@@ -15,7 +15,7 @@ LEVELS = ((1,), (2, 1), (4, 2, 1), (4, 3, 2, 1), (6, 3, 2, 1), (8, 4, 2, 1))
 
 def get_config(arg=None):
   opts = dict(p.partition("=")[::2] for p in (arg or "").split(",") if p)
-  base = "configs/demo.py:" + ("single" if "single" in opts else "multi")
+  base = "demo.py:" + ("single" if "single" in opts else "multi")
   if "tiny" in opts:
     base += ",tiny"
   levels = {"-".join(map(str, lv)): {"model.spp_levels": lv} for lv in LEVELS}

@@ -71,49 +71,14 @@ def load_backbone(model, backbone_cfg, log=print) -> str:
     log(f"backbone: no checkpoint in {workdir}; training {cls_cfg.model.name} on "
         f"{cls_cfg.data.name} there first")
     loop.train_and_evaluate(cls_cfg, workdir)
-  from spp_jax.train.checkpoint import load_params
+  from spp_jax.train import init_from
 
-  loaded = load_params(workdir)
-  state = nnx.state(model, nnx.Param)
-  pure = state.to_pure_dict()
-  copied = []
-  for name, sub in pure.items():
-    if name == "classifier":
-      continue
-    if name not in loaded:
-      raise ValueError(f"backbone checkpoint in {workdir} has no layer {name!r}")
-    for path, leaf in _leaves(sub):
-      src = _get(loaded[name], path)
-      if np.shape(src) != np.shape(leaf):
-        raise ValueError(f"backbone layer {name}/{'/'.join(path)} has shape {np.shape(src)}, "
-                         f"the detection model expects {np.shape(leaf)}: config.model must "
-                         f"match the backbone's")
-      _set(sub, path, np.asarray(src, np.asarray(leaf).dtype))
-    copied.append(name)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
-  log(f"backbone: loaded {', '.join(copied)} from {workdir}")
+  params, report = init_from.transfer(nnx.state(model, nnx.Param), workdir,
+                                      backbone_cfg.get("step"), fresh=("classifier",))
+  nnx.update(model, params)
+  log(f"backbone: {len(report.copied)} parameters from {workdir}; new: "
+      f"{', '.join(report.reinitialised) or 'none'}")
   return workdir
-
-
-def _leaves(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _leaves(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  for k in path[:-1]:
-    tree = tree[k]
-  tree[path[-1]] = value
 
 
 def _fresh_classifier(model, model_cfg, num_classes: int, seed: int):
