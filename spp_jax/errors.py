@@ -103,14 +103,40 @@ def report(exc: BaseException, *, verbose: bool = False, file=None) -> None:
 
 class _DropOrbaxErrors(logging.Filter):
   """orbax logs each failure of its worker threads with a traceback, then raises it in the
-  caller: the one error line reported there is enough."""
+  caller, and asyncio logs the tasks orbax left unfinished ("Task exception was never
+  retrieved"): the one error line reported by the caller is enough."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    tb = record.exc_info[2] if record.exc_info else None
+    files = [f.filename for f in traceback.extract_tb(tb)] if tb else []
+    return not ("/orbax/" in record.pathname or any("/orbax/" in f for f in files)
+                or "/orbax/" in record.getMessage())
+
+
+def _library_noise(unraisable) -> bool:
+  """An exception Python could not raise anywhere, left by orbax's or TensorStore's threads
+  after a failed save or restore (e.g. "Event loop is closed" from a late callback)."""
+  files = [f.filename for f in traceback.extract_tb(unraisable.exc_traceback)]
+  return (any(part in f for f in files for part in ("/orbax/", "/asyncio/", "tensorstore"))
+          or "orbax" in repr(unraisable.object))
 
 
 def quiet_library_errors() -> None:
-  """Drops orbax's own error logs (main.py, unless --verbose)."""
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
-    logger.addFilter(_DropOrbaxErrors())
+  """Drops orbax's own error logs and the unraisable exceptions its threads leave after a
+  failure (main.py, unless --verbose): the failure itself is reported once, in one line."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
+      logger.addFilter(_DropOrbaxErrors())
+  previous = sys.unraisablehook
+  if getattr(previous, "_spp_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not _library_noise(unraisable):
+      previous(unraisable)
+
+  hook._spp_quiet = True
+  sys.unraisablehook = hook

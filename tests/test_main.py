@@ -45,6 +45,11 @@ def test_demo_tiny_end_to_end_then_resume_and_refuse(tmp_path):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   with open(workdir / "results.json", encoding="utf-8") as f:
     results = json.load(f)
+  left_out = results.pop("images_left_out")
+  assert left_out["train"]["split"] == "train" and set(left_out["eval"]) == {
+      "center", "full", "ten_view"}
+  assert all(v["split"] == "test" and v["skipped"] >= 0 and v["rejected"] >= 0
+             for v in left_out["eval"].values())
   assert set(results) == {f"{v}/{k}" for v in ("center", "full", "ten_view")
                           for k in ("top1", "top5")}
   assert all(0.0 <= v <= 1.0 for v in results.values())
@@ -55,6 +60,16 @@ def test_demo_tiny_end_to_end_then_resume_and_refuse(tmp_path):
   # A finished workdir is not trained again; a changed training key is refused...
   proc = _main(*common, "--config.optimizer.learning_rate=0.5")
   assert proc.returncode == 1 and "optimizer.learning_rate: 0.02 -> 0.5" in proc.stderr
-  # ...unless forced.
+  assert "Traceback" not in proc.stderr and "hint: use a new workdir, or --force" in proc.stderr
+  # --force cannot change the shapes of what the checkpoints hold: refused, nothing written.
+  with open(workdir / "config.json", encoding="utf-8") as f:
+    saved = f.read()
+  proc = _main(*common, "--config.model.fc_width=64", "--force")
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "error: config.model.fc_width: None -> 64 changes the shapes of the state saved" in (
+      proc.stderr)
+  with open(workdir / "config.json", encoding="utf-8") as f:
+    assert f.read() == saved
+  # ...other training keys may change when forced.
   proc = _main(*common, "--config.optimizer.learning_rate=0.5", "--force")
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -220,3 +220,20 @@ def test_damaged_checkpoint_falls_back_and_ends_as_uninterrupted(tmp_path, refer
   with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
     train_steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
   assert train_steps == sorted(set(train_steps)) == [4, 8, 12, 16, 20, 24, 28, 32]
+
+
+def test_sigint_to_one_of_two_processes_stops_both_at_one_step(tmp_path):
+  port = _free_port()
+  procs = [_worker(tmp_path / "two", 2, "train.num_epochs=4",
+                   extra=["--delay", "0.3", "--coordinator", f"localhost:{port}",
+                          "--num-processes", "2", "--process-id", str(i)]) for i in range(2)]
+  _wait_for_event(tmp_path / "two" / "metrics.jsonl", "first_step")
+  time.sleep(1.0)
+  procs[0].send_signal(signal.SIGINT)  # jax's preemption service tells process 1
+  (rc0, out0), (rc1, out1) = [_finish(p, timeout=120) for p in procs]
+  assert rc0 == 130 and "interrupted (SIGINT) at step" in out0, out0[-3000:]
+  assert rc1 == 0 and "RESULT {}" in out1, out1[-3000:]
+  steps = {int(out.split(" at step ")[1].split()[0].rstrip(";")) for out in (out0, out1)
+           if " at step " in out}
+  assert len(steps) == 1
+  assert str(steps.pop()) in os.listdir(tmp_path / "two" / "checkpoints")

@@ -15,7 +15,9 @@ import pytest
 
 import fakes
 from spp_jax.errors import DamagedCheckpointError, DataError, NonFiniteLossError
+from spp_jax.train import integrity, parallel, schedules, state as state_lib
 from spp_jax.train import load_params, train_and_evaluate
+from spp_jax.train.checkpoint import Checkpointer, to_nested
 from spp_jax.train.config_schema import ConfigError
 
 
@@ -74,6 +76,34 @@ def test_damaged_array_file_falls_back_to_the_previous_checkpoint(stopped, tmp_p
              and "moved to" in r.message for r in caplog.records)
   # Steps 11 and 12 were trained again from step 10: the same parameters as before.
   jax.tree.map(np.testing.assert_array_equal, load_params(workdir), load_params(stopped))
+
+
+def test_damage_that_orbax_restores_silently_is_caught_by_the_checksums(stopped, tmp_path,
+                                                                        monkeypatch):
+  # One byte inside the (zstd-compressed) array file: TensorStore decodes it without error.
+  for name, check in (("unchecked", False), ("checked", True)):
+    workdir = tmp_path / name
+    shutil.copytree(stopped, workdir)
+    damage(_array_file(workdir / "checkpoints" / "12"), 0.25, size=1)
+    if not check:
+      monkeypatch.setattr(integrity, "verify", lambda *args: None)
+    restored = Checkpointer(str(workdir / "checkpoints"), keep=2).restore_latest(
+        _abstract_state())
+    monkeypatch.undo()
+    if check:
+      assert restored.step == 10 and os.listdir(workdir / "checkpoints" / "corrupt")
+    else:  # what orbax alone would have trained on: another state than the one saved
+      good = Checkpointer(str(stopped / "checkpoints"), keep=2).restore(12, _abstract_state())
+      assert restored.step == 12
+      assert not all(np.array_equal(a, b) for a, b in zip(
+          jax.tree.leaves(to_nested(restored.state)), jax.tree.leaves(to_nested(good.state))))
+
+
+def _abstract_state():
+  config = fakes.tiny_config()
+  tx = schedules.make_optimizer(config.optimizer, lambda count: 0.0)
+  return state_lib.abstract_train_state(fakes.TinyModels(), config.model, 4, config.seed, tx,
+                                        parallel.replicated(parallel.make_mesh()))
 
 
 @pytest.mark.parametrize("item", ["manifest/metadata", "meta/metadata", "data/*.json"])

@@ -69,8 +69,10 @@ def test_unknown_config_variant_and_missing_file(tmp_path):
   assert error.startswith("error: --config=configs/demo.py:fastest: unknown config variant "
                           "'fastest'")
   error, _ = _error(_main("--config", "configs/nope.py", f"--workdir={tmp_path}"))
-  assert error == ("error: --config=configs/nope.py: cannot load the config file: [Errno 2] No "
-                   "such file or directory: 'configs/nope.py'")
+  assert error.startswith("error: config file 'configs/nope.py' not found")
+  (tmp_path / "bad.py").write_text("def get_config(:\n")
+  error, _ = _error(_main("--config", str(tmp_path / "bad.py"), f"--workdir={tmp_path}"))
+  assert error == f"error: --config: the config file {tmp_path}/bad.py line 1: invalid syntax"
 
 
 def test_verbose_shows_the_traceback(tmp_path):

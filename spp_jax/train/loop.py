@@ -26,7 +26,7 @@ import numpy as np
 from spp_jax import runtime
 from spp_jax.errors import InterruptedRun, NonFiniteLossError
 from spp_jax.train import cluster, parallel, preflight, schedules, state as state_lib
-from spp_jax.train import workdir as workdir_lib
+from spp_jax.train import left_out as left_out_lib, workdir as workdir_lib
 from spp_jax.train.compile_log import CompileLog, CompileRecord, describe
 from spp_jax.train.evaluate import Evaluator
 from spp_jax.train.interfaces import DataSource, ModelRegistry
@@ -65,19 +65,6 @@ class _Clock:
     return time.perf_counter() - self._start - (self.excluded - self._excluded0)
 
 
-def _no_images_left_out() -> dict[str, int]:
-  return {"skipped": 0, "rejected": 0}
-
-
-def _left_out(it) -> dict[str, int]:
-  """Examples an iterator left out: undecodable (skipped) or too small (rejected)."""
-  return {k: int(getattr(it, k, 0) or 0) for k in ("skipped", "rejected")}
-
-
-def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-  return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}
-
-
 @dataclasses.dataclass
 class _Position:
   """Where training is: global step, epoch, the input iterator's state inside the epoch, and
@@ -86,26 +73,10 @@ class _Position:
   epoch: int
   data_state: Any = None
   size: int | None = None
-  left_out: dict[str, int] = dataclasses.field(default_factory=_no_images_left_out)
+  left_out: dict[str, int] = dataclasses.field(default_factory=left_out_lib.none)
 
   def meta(self) -> dict[str, Any]:
     return dict(step=self.step, epoch=self.epoch, size=self.size)
-
-
-class _CountingData:
-  """The data module, remembering each eval view's iterator (for the images it left out)."""
-
-  def __init__(self, data: DataSource):
-    self._data = data
-    self.eval_iterators: dict[str, Any] = {}
-
-  def __getattr__(self, name):
-    return getattr(self._data, name)
-
-  def eval_iterator(self, data_cfg, view, **kwargs):
-    it = self._data.eval_iterator(data_cfg, view, **kwargs)
-    self.eval_iterators[view.name] = it
-    return it
 
 
 def train_and_evaluate(config, workdir, *, models: ModelRegistry | None = None,
@@ -156,7 +127,7 @@ class _Trainer:
     self.config = config
     self.wd = wd
     self.models = models
-    self.data = _CountingData(data)
+    self.data = left_out_lib.CountingData(data)
     self.setup = setup
     self.t_start = t_start
     self.is_main = jax.process_index() == 0
@@ -260,7 +231,7 @@ class _Trainer:
       return
     self._check_finite(pos.step)
     start = time.perf_counter()
-    left_out = _add(pos.left_out, _left_out(self.it)) if self.it is not None else pos.left_out
+    left_out = left_out_lib.add(pos.left_out, left_out_lib.of(self.it))
     self.checkpointer.save(self.state, pos.meta(), dict(iterator=pos.data_state,
                                                         left_out=left_out))
     self.clock.excluded += time.perf_counter() - start
@@ -326,7 +297,7 @@ class _Trainer:
       if stop.requested(pos.step):
         self._save(pos)
         return True
-    pos.left_out = _add(pos.left_out, _left_out(self.it))
+    pos.left_out = left_out_lib.add(pos.left_out, left_out_lib.of(self.it))
     if hasattr(self.it, "close"):
       self.it.close()
     self.it = None
@@ -368,7 +339,8 @@ class _Trainer:
 
   def _finish(self, pos: _Position, results, details) -> dict[str, float]:
     self._write_eval(pos, results, details, None)
-    left_out = self._images_left_out(pos)
+    left_out = left_out_lib.summary(pos.left_out, self.data, self.config.eval.views,
+                                    self.data_cfg)
     self.writer.event(dict(
         event="done", step=pos.step, seconds_since_start=round(time.time() - self.t_start, 3),
         train_compilations=self.compile_log.count("train_step"),
@@ -378,20 +350,6 @@ class _Trainer:
       workdir_lib.write_json(self.wd.results, dict(results, images_left_out=left_out),
                              RESULTS_FILE)
     return results
-
-  def _images_left_out(self, pos: _Position) -> dict[str, Any]:
-    """Images left out over all processes: training (every epoch) and each view's final pass."""
-    views = [v.name for v in self.config.eval.views]
-    counts = [pos.left_out] + [_left_out(self.data.eval_iterators.get(v)) for v in views]
-    table = np.array([[c["skipped"], c["rejected"]] for c in counts], np.int64)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      table = np.asarray(multihost_utils.process_allgather(table)).sum(axis=0)
-    rows = [dict(split=self.data_cfg.train_split, skipped=int(s), rejected=int(r))
-            for s, r in table]
-    for row, name in zip(rows[1:], views):
-      row["split"] = self.data_cfg.eval_split
-    return dict(train=rows[0], eval=dict(zip(views, rows[1:])))
 
   def _summarise(self, pending, pos: _Position) -> dict[str, Any]:
     host = jax.device_get(pending)

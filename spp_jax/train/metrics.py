@@ -164,7 +164,8 @@ class MetricWriter:
   """TensorBoard + JSON lines; a no-op on processes other than 0.
 
   Nothing is written before `start(resume_step)`, which drops what the resumed steps will
-  record again (events before it wait for it). Writing errors of a full disk are DiskFullError naming the file.
+  record again (events before it wait for it). A full disk is a DiskFullError naming the
+  file.
   """
 
   def __init__(self, metrics_path: str, tensorboard_dir: str, *, enabled: bool = True):

@@ -50,11 +50,13 @@ class StopSignal:
     if signum == signal.SIGINT:
       # A second Ctrl-C: the default action, which ends the process even mid-compilation.
       signal.signal(signal.SIGINT, signal.SIG_DFL)
+      # With jax.distributed, SIGTERM goes to jax's preemption notifier (installed from C++),
+      # which tells the other processes.
       if jax.process_count() > 1:
         log.warning("received SIGINT: asking every process to save and stop (Ctrl-C again "
                     "aborts without saving)")
         self.signalled = "SIGINT"
-        os.kill(os.getpid(), signal.SIGTERM)  # jax's preemption notifier tells the others
+        os.kill(os.getpid(), signal.SIGTERM)
         return
     log.warning("received %s: saving a checkpoint and stopping after this step%s", name,
                 " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "")
@@ -80,5 +82,6 @@ class StopSignal:
     return False
 
   def interrupted(self) -> bool:
-    """For long evaluations: a signal arrived (no step agreement needed to abandon an eval)."""
-    return self.signalled is not None
+    """For long evaluations: a signal arrived. One process alone cannot abandon an
+    evaluation that the others run on, so with several this waits for the next step."""
+    return self.signalled is not None and jax.process_count() == 1
