@@ -22,7 +22,8 @@ Commands:
 Each variant trains in its own workdir `DIR/<variant>` through `python -m spp_jax.main`, so a
 variant whose `results.json` exists is skipped and an unfinished one resumes from its last
 checkpoint. Collecting writes `DIR/results.csv` (one row per variant), `DIR/summary.md` (mean ±
-std over `average_over`) and `DIR/plot.png` (top-1 against the `x` axis, one line per view).
+std over `average_over`) and `DIR/plot.png` (top-1 per category of the `x` axis: a dot with a
+±std error bar per view, side by side, titled with the data set, the network and n).
 """
 
 from __future__ import annotations
@@ -220,19 +221,83 @@ def write_reports(sweep: ml_collections.ConfigDict, sweep_dir: str) -> dict[str,
     writer.writeheader()
     writer.writerows(rows)
   keys, metrics, stats = summarize(sweep, rows)
+  setting = run_setting(sweep, sweep_dir)
   with open(paths["markdown"], "w") as f:
-    f.write(markdown_table(sweep, keys, metrics, stats))
+    f.write(markdown_table(sweep, keys, metrics, stats, setting))
   if rows:
-    plot(sweep, keys, metrics, stats, paths["plot"])
+    plot(sweep, keys, metrics, stats, paths["plot"], setting)
   else:
     paths.pop("plot")
   return paths
 
 
-def markdown_table(sweep, keys, metrics, stats) -> str:
+# ----------------------------------------------------------------------------- reports
+
+# Readable names of the usual evaluation views (results keys "<view name>/top1").
+VIEW_LABELS = {"center": "centre crop", "ten_view": "10-view", "full": "full image",
+               "multiscale": "multi-scale", "feature_multiview": "multi-view (feature maps)"}
+
+
+def view_label(name: str) -> str:
+  return VIEW_LABELS.get(name, name.replace("_", " "))
+
+
+def _metric_label(metric: str) -> str:
+  """"ten_view/top1" -> "10-view top-1"."""
+  view, _, kind = metric.rpartition("/")
+  return f"{view_label(view)} {kind.replace('top', 'top-')}".strip()
+
+
+def _category_label(axis: str, label: str) -> str:
+  """Level tuples read as sets of pyramid levels: "4-2-1" -> "{4, 2, 1}"."""
+  parts = label.split("-")
+  if axis == "levels" and all(p.isdigit() for p in parts):
+    return "{" + ", ".join(parts) + "}"
+  return label
+
+
+def run_setting(sweep, sweep_dir: str) -> dict[str, list[str]]:
+  """The data sets and networks the finished variants ran (their workdirs' config.json)."""
+  found: dict[str, list[str]] = {"data": [], "network": []}
+  for variant in sweep.variants:
+    path = os.path.join(sweep_dir, variant["name"], "config.json")
+    try:
+      with open(path) as f:
+        config = json.load(f)
+      data, model = config["data"]["name"], config["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    for key, value in (("data", data), ("network", model)):
+      if value not in found[key]:
+        found[key].append(value)
+  return found
+
+
+def _seeds_text(sweep, stats) -> str:
+  counts = sorted({s["n"] for s in stats.values()})
+  if not counts:
+    return ""
+  n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+  what = f"{sweep.average_over}s" if sweep.average_over else "runs"
+  return f"n = {n} {what} per point"
+
+
+def caption(sweep, stats, setting: Mapping[str, Sequence[str]] | None) -> str:
+  """"multiscale_fashion_mnist/small, network small, n = 3 seeds per point"."""
+  setting = setting or {}
+  parts = []
+  if setting.get("data"):
+    parts.append(" / ".join(setting["data"]))
+  if setting.get("network"):
+    parts.append("network " + " / ".join(setting["network"]))
+  parts.append(_seeds_text(sweep, stats))
+  return ", ".join(p for p in parts if p)
+
+
+def markdown_table(sweep, keys, metrics, stats, setting=None) -> str:
   over = f" over {sweep.average_over}" if sweep.average_over else ""
-  head = [*keys, "runs", *(f"{m} (%)" for m in metrics)]
-  lines = [f"Accuracy in %, mean ± std{over}.", "",
+  head = [*keys, "runs", *(f"{_metric_label(m)} (%)" for m in metrics)]
+  lines = [f"{caption(sweep, stats, setting)}: accuracy in %, mean ± std{over}.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for g, s in stats.items():
     cells = [*g, str(s["n"]), *(_percent(*s[m]) for m in metrics)]
@@ -245,8 +310,36 @@ def _percent(mean: float, std: float) -> str:
   return "—" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def plot(sweep, keys, metrics, stats, path: str) -> None:
-  """Top-1 accuracy against the x axis, one line per evaluation view (and other axis value)."""
+def _series(keys, metrics, stats, xi: int, x_labels: list) -> list[tuple[str, list]]:
+  """One series per top-1 view (and value of the other axes): [(label, [(x index, (mean,
+  std)), ...])], points without a value left out."""
+  out: dict[str, list] = {}
+  known = list(VIEW_LABELS)  # the usual views in the order of docs/paper.md §4, then the rest
+  top1 = [m for m in metrics if m.endswith("/top1")]
+  top1.sort(key=lambda m: known.index(m[:-5]) if m[:-5] in known else len(known))
+  for m in top1:
+    for g, s in stats.items():
+      if math.isnan(s[m][0]):
+        continue
+      rest = tuple(v for i, v in enumerate(g) if i != xi)
+      label = view_label(m.removesuffix("/top1")) + (f" ({', '.join(rest)})" if rest else "")
+      out.setdefault(label, []).append((x_labels.index(g[xi]), s[m]))
+  return list(out.items())
+
+
+def plot(sweep, keys, metrics, stats, path: str, setting=None) -> None:
+  """Writes `figure(...)` to path (PNG)."""
+  import matplotlib.pyplot as plt
+
+  fig = figure(sweep, keys, metrics, stats, setting)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def figure(sweep, keys, metrics, stats, setting=None):
+  """Top-1 accuracy per category of the x axis: a dot per view (mean, ±std error bar), the
+  views side by side within each category; categories are not joined by lines. The title
+  names the data set, the network and n (setting: `run_setting`)."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -255,25 +348,29 @@ def plot(sweep, keys, metrics, stats, path: str) -> None:
   x_axis = sweep.x
   xi = keys.index(x_axis)
   x_labels = list(dict.fromkeys(g[xi] for g in stats))
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for m in (m for m in metrics if m.endswith("/top1")):
-    lines: dict[tuple, list] = {}
-    for g, s in stats.items():
-      rest = tuple(v for i, v in enumerate(g) if i != xi)
-      lines.setdefault(rest, []).append((x_labels.index(g[xi]), s[m]))
-    for rest, points in lines.items():
-      points.sort()
-      label = m.removesuffix("/top1") + (f" ({', '.join(rest)})" if rest else "")
-      ax.errorbar([p[0] for p in points], [100 * p[1][0] for p in points],
-                  yerr=[100 * p[1][1] for p in points], marker="o", capsize=3, label=label)
-  ax.set_xticks(range(len(x_labels)), x_labels)
-  ax.set_xlabel(x_axis)
-  ax.set_ylabel("top-1 accuracy (%)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  series = _series(keys, metrics, stats, xi, x_labels)
+  fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(x_labels) + 5.0), 4.5))
+  width = min(0.8 / max(len(series), 1), 0.22)
+  markers = "osD^vP*X"
+  for j, (label, points) in enumerate(series):
+    offset = (j - (len(series) - 1) / 2) * width
+    ax.errorbar([p[0] + offset for p in points], [100 * p[1][0] for p in points],
+                yerr=[100 * p[1][1] for p in points], fmt=markers[j % len(markers)],
+                linestyle="none", markersize=6, capsize=3, elinewidth=1.2, label=label)
+  for i in range(1, len(x_labels)):
+    ax.axvline(i - 0.5, color="0.85", linewidth=0.8, zorder=0)
+  ax.set_xticks(range(len(x_labels)), [_category_label(x_axis, v) for v in x_labels])
+  ax.set_xlim(-0.5, len(x_labels) - 0.5)
+  ax.set_xlabel("pyramid levels" if x_axis == "levels" else x_axis.replace("_", " "))
+  over = f" over {sweep.average_over}s" if sweep.average_over else ""
+  ax.set_ylabel(f"top-1 accuracy (%), mean ± std{over}")
+  ax.grid(axis="y", alpha=0.3)
+  # Outside the axes: it can never hide a point.
+  ax.legend(title="test view", fontsize=8, title_fontsize=8, loc="upper left",
+            bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+  ax.set_title(caption(sweep, stats, setting), fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return fig
 
 
 # ----------------------------------------------------------------------------- command line

@@ -28,6 +28,8 @@ FAKE_TRAINER = textwrap.dedent('''
     results = {"center/top1": acc, "center/top5": 0.9, "steps": 10}
     if head == "spp":  # like the real no-SPP runs, which have no full-image view
       results.update({"full/top1": acc + 0.02, "full/top5": 0.95})
+    config = {"data": {"name": "multiscale_fashion_mnist/small"}, "model": {"name": "small"}}
+    json.dump(config, open(os.path.join(workdir, "config.json"), "w"))
     json.dump(results, open(os.path.join(workdir, "results.json"), "w"))
 ''')
 
@@ -79,11 +81,17 @@ def test_run_skips_finished_reruns_failed_and_reports(fake_sweep, tmp_path):
   assert len(rows) == 6 and rows[3]["variant"] == "levels=4-2-1,seed=1"
   assert float(rows[3]["center/top1"]) == pytest.approx(0.531)
   table = open(paths["markdown"]).read()
+  assert table.startswith("multiscale_fashion_mnist/small, network small, n = 2 seeds per "
+                          "point: accuracy in %, mean ± std over seed.")
+  assert "| levels | runs | centre crop top-1 (%) | centre crop top-5 (%) |" in table
   # 4-2-1: seeds give 0.530 and 0.531 -> 53.05 ± 0.07 (sample std).
   assert "| 4-2-1 | 2 | 53.05 ± 0.07 | 90.00 ± 0.00 | 55.05 ± 0.07 | 95.00 ± 0.00 |" in table
   assert table.index("| 2-1 |") < table.index("| 4-2-1 |") < table.index("| no-SPP |")
   assert "| no-SPP | 2 | 44.05 ± 0.07 | 90.00 ± 0.00 | — | — |" in table
   assert os.path.getsize(paths["plot"]) > 1000
+  if os.environ.get("SPP_JAX_PLOT_DIR"):
+    import shutil
+    shutil.copy(paths["plot"], os.path.join(os.environ["SPP_JAX_PLOT_DIR"], "sweep_run.png"))
 
 
 def test_bad_declarations():
@@ -123,3 +131,46 @@ def test_config_paths_resolve_relative_to_the_sweep_file(tmp_path, monkeypatch):
   assert shipped.base == os.path.join(configs.DIRECTORY, "demo.py") + ":tiny"
   with pytest.raises(ValueError, match="config file 'nowhere.py' not found"):
     sweep.load(str(here / "sweep_missing.py"))
+
+
+def test_plot_is_a_dot_plot_of_categories_titled_with_data_network_and_n(tmp_path):
+  """Categories as dots with ±std bars, offset per view, never joined; readable names. The
+  PNG is kept in SPP_JAX_PLOT_DIR when set, to look at."""
+
+  levels = ["1", "2-1", "4-2-1", "no-SPP"]
+  fake = sweep.define("configs/demo.py", x="levels", average_over="seed",
+                      axes={"levels": {lv: {} for lv in levels},
+                            "seed": {str(s): {"seed": s} for s in range(3)}})
+  rows = []
+  for i, lv in enumerate(levels):
+    for seed in range(3):
+      acc = 0.6 + 0.02 * i + 0.01 * seed
+      row = {"levels": lv, "seed": str(seed), "center/top1": acc, "ten_view/top1": acc + 0.05}
+      if lv != "no-SPP":
+        row.update({"full/top1": acc + 0.07, "feature_multiview/top1": acc + 0.08})
+      rows.append(row)
+  keys, metrics, stats = sweep.summarize(fake, rows)
+  setting = {"data": ["multiscale_fashion_mnist/small"], "network": ["small"]}
+  fig = sweep.figure(fake, keys, metrics, stats, setting)
+  ax = fig.axes[0]
+  assert ax.get_title() == "multiscale_fashion_mnist/small, network small, n = 3 seeds per point"
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["{1}", "{2, 1}", "{4, 2, 1}",
+                                                         "no-SPP"]
+  legend = [t.get_text() for t in ax.get_legend().get_texts()]
+  assert legend == ["centre crop", "10-view", "full image", "multi-view (feature maps)"]
+  dots = {c.get_label(): c.lines for c in ax.containers}  # one errorbar per view
+  assert list(dots) == legend
+  for label, (data_line, _, (bars,)) in dots.items():
+    assert data_line.get_linestyle() == "None", f"{label}: a line joins the categories"
+    n = 4 if label in ("centre crop", "10-view") else 3  # no-SPP has no full-image views
+    assert len(data_line.get_xdata()) == len(bars.get_segments()) == n
+    # The error bar is ±the sample std over the 3 seeds: 1 point.
+    (_, y0), (_, y1) = bars.get_segments()[0]
+    assert abs((y1 - y0) / 2 - 1.0) < 1e-9
+  for line in ax.get_lines():  # markers, caps, and the vertical category separators
+    assert line.get_linestyle() == "None" or len(set(line.get_xdata())) == 1
+  first = sorted(d[0].get_xdata()[0] for d in dots.values())  # category 0, side by side
+  assert len(set(first)) == 4 and -0.5 < first[0] < first[-1] < 0.5
+  out = os.environ.get("SPP_JAX_PLOT_DIR", str(tmp_path))
+  fig.savefig(os.path.join(out, "sweep_plot.png"), dpi=120)
+  assert os.path.getsize(os.path.join(out, "sweep_plot.png")) > 1000

@@ -10,7 +10,8 @@ Batch layouts (B = the host-local batch size, `batch_size` in the functions belo
   training, crop:       image (B, S, S, 3), S = the epoch's size; image_size (B, 2) = S
   training, full image: image (B, Hb, Wb, 3), the step's bucket; image_size (B, 2) true sizes
   evaluation:           image (B, V, H, W, 3); image_size (B, V, 2); V = 1 (center, full),
-                        10 (ten_view), len(scales) (multiscale, x2 with flip)
+                        10 (ten_view), len(scales) (multiscale, x2 with flip;
+                        feature_multiview: its images, one per scale, unflipped)
   all:                  label (B,) int32; mask (B,) float32, 0 for padding slots and for
                         skipped (undecodable or rejected) examples.
 Images are normalised ((x - mean) / std) and zero-padded at the bottom and right. Padding slots
@@ -103,7 +104,7 @@ class BatchMaker:
     if self.kind == "train_full":
       return self.short_side
     v = self.view
-    if v.kind == "multiscale":
+    if v.per_scale:
       return max(v.scales)
     return v.short_side
 
@@ -231,14 +232,15 @@ def _full_short_side(settings: DataSettings, image_size: int) -> int:
 
 def multiscale_view_shapes(data_cfg, view, padded_shape: tuple[int, int]
                            ) -> list[tuple[int, int]]:
-  """Per view of a multi-scale batch, the padded shape that holds that view's images.
+  """Per view of a multi-scale batch, the padded shape that holds that view's images
+  (feature_multiview: per image sent, one per scale).
 
   padded_shape: the batch's (H, W) (image.shape[2:4]), i.e. its bucket at the largest scale.
   """
   s = data_settings(data_cfg)
   v = view_settings(view, s)
-  if v.kind != "multiscale":
-    raise ValueError(f"view {v.name!r} is {v.kind!r}, not multiscale")
+  if not v.per_scale:
+    raise ValueError(f"view {v.name!r} is {v.kind!r}, not multiscale or feature_multiview")
   top = transforms.scale_buckets(s.buckets, s.full_short_side, max(v.scales))
   matches = [k for k, b in enumerate(top) if tuple(b) == tuple(padded_shape)]
   if not matches:

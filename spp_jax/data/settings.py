@@ -157,27 +157,44 @@ def check_min_size(name: str, size: int, min_size: int):
                      f"data.min_size={min_size}")
 
 
+# Views whose batches hold the whole image once per scale (the "multiscale" layout).
+PER_SCALE_KINDS = ("multiscale", "feature_multiview")
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewSettings:
-  """One evaluation view, checked, with defaults filled from config.data."""
+  """One evaluation view, checked, with defaults filled from config.data.
+
+  feature_multiview (spp_jax/train/feature_views.py) sends its images in the multiscale
+  layout, one unflipped image per entry of `scales`: the window scales, then the full-image
+  views' short side when that is not one of them. Its flips are made on the device.
+  """
   name: str
   kind: str
-  size: int  # crop side (center, ten_view)
+  size: int  # crop side (center, ten_view); window side (feature_multiview)
   short_side: int | None  # center/ten_view: resize before cropping; full: the short side
-  scales: tuple[int, ...]  # multiscale: short sides
+  scales: tuple[int, ...]  # multiscale, feature_multiview: the short sides of the images sent
   flip: bool  # multiscale: also the flipped image at every scale
+  window_scales: tuple[int, ...] = ()  # feature_multiview: the scales windows are taken at
+  windows: int = 0  # feature_multiview: windows per window scale
+  full_views: int = 0  # feature_multiview: 0, 1 (the whole map) or 2 (and its flip)
 
   @property
   def num_views(self) -> int:
+    """Images per example in the float32 layout (feature_multiview: images, not windows)."""
     if self.kind == "ten_view":
       return 10
-    if self.kind == "multiscale":
+    if self.kind in PER_SCALE_KINDS:
       return len(self.scales) * (2 if self.flip else 1)
     return 1
 
   @property
   def bucketed(self) -> bool:
-    return self.kind in ("full", "multiscale")
+    return self.kind in ("full",) + PER_SCALE_KINDS
+
+  @property
+  def per_scale(self) -> bool:
+    return self.kind in PER_SCALE_KINDS
 
 
 def view_settings(view, data: DataSettings) -> ViewSettings:
@@ -199,14 +216,47 @@ def view_settings(view, data: DataSettings) -> ViewSettings:
       raise ValueError(f"view {name!r}: a multiscale view needs scales (short sides), got "
                        f"scales={raw!r}")
     scales = tuple(_int(f"view {name!r} scales", s) for s in raw)
-  v = ViewSettings(name=name, kind=kind, size=size, short_side=short_side, scales=scales,
-                   flip=bool(_get(view, "flip", False)))
+  if kind == "feature_multiview":
+    v = _feature_view(view, name, size, data)
+  else:
+    v = ViewSettings(name=name, kind=kind, size=size, short_side=short_side, scales=scales,
+                     flip=bool(_get(view, "flip", False)))
   if kind in ("center", "ten_view"):
     check_min_size(f"view {name!r} size", size, data.min_size)
     if short_side is not None and short_side < size:
       raise ValueError(f"view {name!r}: short_side={short_side} is smaller than size={size}")
   if kind == "full":
     check_min_size(f"view {name!r} short_side", short_side, data.min_size)
-  for s in scales:
+  for s in v.scales:
     check_min_size(f"view {name!r} scale", s, data.min_size)
   return v
+
+
+def _feature_view(view, name: str, size: int, data: DataSettings) -> ViewSettings:
+  """A feature_multiview entry (docs/paper.md §4; spp_jax/train/feature_views.py)."""
+  if _get(view, "flip", False):
+    raise ValueError(f"view {name!r}: feature_multiview takes its flips from windows (2, 10, "
+                     f"18) and full_views (2), not from flip")
+  raw = _get(view, "scales")
+  if raw is None:  # The paper's scales for 224-pixel windows, scaled to this window size.
+    raw = tuple(max(1, round(s * size / config_schema.PAPER_WINDOW_SIZE))
+                for s in config_schema.PAPER_FEATURE_SCALES)
+  if not isinstance(raw, Sequence) or not raw:
+    raise ValueError(f"view {name!r}: scales must be short sides, got scales={raw!r}")
+  window_scales = tuple(_int(f"view {name!r} scales", s) for s in raw)
+  if len(set(window_scales)) != len(window_scales):
+    raise ValueError(f"view {name!r}: scales must differ, got scales={window_scales}")
+  for s in window_scales:
+    if s < size:
+      raise ValueError(f"view {name!r}: scale {s} is smaller than the window size {size}: "
+                       f"its windows would not fit")
+  windows = _choice(f"view {name!r} windows", _get(view, "windows", 18),
+                    config_schema.WINDOWS_PER_SCALE)
+  full_views = _choice(f"view {name!r} full_views", _get(view, "full_views", 2), (0, 1, 2))
+  short_side = _int(f"view {name!r} short_side", _get(view, "short_side", data.full_short_side))
+  scales = window_scales
+  if full_views and short_side not in scales:
+    scales = scales + (short_side,)
+  return ViewSettings(name=name, kind="feature_multiview", size=size, short_side=short_side,
+                      scales=scales, flip=False, window_scales=window_scales, windows=windows,
+                      full_views=full_views)

@@ -20,7 +20,14 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-VIEW_KINDS = ("center", "full", "ten_view", "multiscale")
+VIEW_KINDS = ("center", "full", "ten_view", "multiscale", "feature_multiview")
+# The paper's multi-view testing on feature maps (docs/paper.md §4): window scales (short sides)
+# for 224-pixel windows; a view of another window size scales them by size / 224.
+PAPER_FEATURE_SCALES = (224, 256, 300, 360, 448, 560)
+PAPER_WINDOW_SIZE = 224
+# Windows per scale: 1 centre; 5 centre and corners; 9 those and the edge midpoints; twice
+# each (2, 10, 18) with the flipped image's windows.
+WINDOWS_PER_SCALE = (1, 2, 5, 9, 10, 18)
 MODES = ("crop", "full_image")
 SCHEDULES = ("single", "alternate", "uniform")
 LR_SCHEDULES = ("step", "cosine")
@@ -133,15 +140,24 @@ class Key:
 
 VIEW = {
     "name": Key(None, text(), "the results key, e.g. 'ten_view'"),
-    "kind": Key(None, one_of(*VIEW_KINDS), "center crop, full image, 10-view, or multiscale "
-                "(docs/paper.md §4)"),
+    "kind": Key(None, one_of(*VIEW_KINDS), "center crop, full image, 10-view, multiscale, or "
+                "multi-view on feature maps (docs/paper.md §4)"),
     "size": Key(None, integer(1, optional=True),
-                "crop side of center/ten_view; None: data.crop_size"),
+                "crop side of center/ten_view, window side of feature_multiview; None: "
+                "data.crop_size"),
     "short_side": Key(None, integer(1, optional=True),
                       "resize before cropping (center/ten_view; None: data.resize_short) or "
-                      "the full image's short side (full; None: data.full_image.short_side)"),
-    "scales": Key(None, ints(optional=True), "multiscale: the short sides"),
+                      "the full image's short side (full, and feature_multiview's full-image "
+                      "views; None: data.full_image.short_side)"),
+    "scales": Key(None, ints(optional=True), "multiscale: the short sides; feature_multiview: "
+                  "the short sides its windows are taken at (None: PAPER_FEATURE_SCALES x "
+                  "size / 224, rounded)"),
     "flip": Key(False, boolean(), "multiscale: also the flipped image at every scale"),
+    "windows": Key(None, one_of(*WINDOWS_PER_SCALE, optional=True),
+                   "feature_multiview: windows per scale (WINDOWS_PER_SCALE); None: 18"),
+    "full_views": Key(None, one_of(0, 1, 2, optional=True),
+                      "feature_multiview: full-image views, the whole map and (2) its flip; "
+                      "None: 2"),
 }
 
 SCHEMA: dict[str, Any] = {

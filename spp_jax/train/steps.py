@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from spp_jax.data import on_device
+from spp_jax.data import on_device, pipeline, settings
+from spp_jax.train import feature_views
 from spp_jax.train.state import STATE_FILTERS, TrainState
 
 
@@ -84,26 +85,25 @@ def make_eval_step(graphdef, *, use_image_sizes: bool, view, data,
   image (B, V, H, W, 3) with V views per example, image_size (B, V, 2) used when
   use_image_sizes, label (B,), mask (B,) (0 for padding examples). The scores of an example are
   its softmax probabilities averaged over its V views (10-view testing, docs/paper.md §4).
+  A "feature_multiview" view averages over windows of each image's conv maps instead
+  (train/feature_views.py; its images always use image_size).
   view_shapes: optional padded (h, w) of each view (multi-scale views are padded to the largest
   scale's shape): view v then runs on image[:, v, :h, :w] only, the same result with fewer
   pixels.
   """
+  fv = _feature_views(view, data)
+
   def eval_step(state: TrainState, batch):
     batch = on_device.eval_batch(batch, view, data)
     model = nnx.merge(graphdef, state.params, state.rngs, state.other, copy=True)
     images = batch["image"]
-    b, v = images.shape[:2]
-    if view_shapes is not None:
-      if len(view_shapes) != v:
-        raise ValueError(f"view_shapes has {len(view_shapes)} entries for {v} views")
-      logits = jnp.stack([
-          model(images[:, i, :h, :w], batch["image_size"][:, i] if use_image_sizes else None)
-          for i, (h, w) in enumerate(view_shapes)], axis=1).astype(jnp.float32)
+    b = images.shape[0]
+    if fv is not None:
+      shapes = view_shapes or _per_scale_shapes(data, view, images.shape[2:4])
+      probs = feature_views.average_probs(model, images, batch["image_size"], fv, shapes)
     else:
-      x = images.reshape((b * v,) + images.shape[2:])
-      sizes = batch["image_size"].reshape(b * v, 2) if use_image_sizes else None
-      logits = model(x, sizes).astype(jnp.float32).reshape(b, v, -1)
-    probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
+      logits = _view_logits(model, batch, use_image_sizes, view_shapes)
+      probs = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
     labels = batch["label"]
     w = _weights(batch, b)
     k = min(5, probs.shape[-1])
@@ -115,3 +115,37 @@ def make_eval_step(graphdef, *, use_image_sizes: bool, view, data,
                 count=jnp.sum(w))
 
   return eval_step
+
+
+def _view_logits(model, batch, use_image_sizes: bool, view_shapes) -> jax.Array:
+  """(B, V, classes) float32 logits of every view of a finished eval batch."""
+  images = batch["image"]
+  b, v = images.shape[:2]
+  if view_shapes is not None:
+    if len(view_shapes) != v:
+      raise ValueError(f"view_shapes has {len(view_shapes)} entries for {v} views")
+    return jnp.stack([
+        model(images[:, i, :h, :w], batch["image_size"][:, i] if use_image_sizes else None)
+        for i, (h, w) in enumerate(view_shapes)], axis=1).astype(jnp.float32)
+  x = images.reshape((b * v,) + images.shape[2:])
+  sizes = batch["image_size"].reshape(b * v, 2) if use_image_sizes else None
+  return model(x, sizes).astype(jnp.float32).reshape(b, v, -1)
+
+
+def _feature_views(view, data):
+  """The static plan of a feature_multiview view, else None."""
+  kind = view.get("kind") if hasattr(view, "get") else view.kind
+  if kind != "feature_multiview":
+    return None
+  s = settings.data_settings(data)
+  return feature_views.plan(settings.view_settings(view, s))
+
+
+def _per_scale_shapes(data, view, padded_shape):
+  """Each scale's own padded shape when the batch is one of the pipeline's buckets, else None
+  (every scale then runs on the whole padded shape: the same scores, more pixels)."""
+  try:
+    return tuple(tuple(int(x) for x in hw) for hw in pipeline.multiscale_view_shapes(
+        data, view, tuple(padded_shape)))
+  except ValueError:
+    return None

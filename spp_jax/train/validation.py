@@ -111,7 +111,24 @@ def _check_views(config, spec: ModelSpec):
       _fail(key + ".scales", v.scales, "a multiscale view needs scales (short sides)")
     for s in v.scales or ():
       _check_size(f"{key}.scales", s, spec)
+    if v.kind == "feature_multiview":
+      _check_feature_view(key, v, config)
     if config.model.head == "fixed" and (
         v.kind not in ("center", "ten_view") or (v.size or config.data.crop_size) != spec.base_size):
       _fail(key, v.to_dict(), f"model.head='fixed' (no SPP) only evaluates crops of the base "
             f"size {spec.base_size}")
+
+
+def _check_feature_view(key: str, v, config):
+  """Multi-view testing on feature maps (train/feature_views.py): windows must fit each scale."""
+  if v.get("flip"):
+    _fail(key + ".flip", v.flip, "feature_multiview takes its flips from windows (2, 10, 18) "
+          "and full_views (2)")
+  size = v.size or config.data.crop_size
+  scales = tuple(v.scales or ())
+  if len(set(scales)) != len(scales):
+    _fail(key + ".scales", scales, "the scales must differ")
+  for s in scales:
+    if s < size:
+      _fail(key + ".scales", scales, f"scale {s} is smaller than the window size {size} "
+            f"(view size, or data.crop_size): its windows would not fit")
