@@ -171,3 +171,18 @@ def test_put_copies_transposed_views_exactly(rng):
   assert not dst[5:].any() and not dst[:, 7:].any()
   assemble.put(dst, x[:, ::-1])  # negative strides: the plain copy
   np.testing.assert_array_equal(dst[:7, :5], x[:, ::-1])
+
+
+def test_crop_batches_skip_the_sizes_with_the_same_result(data_dir):
+  """Crop batches fill their shape: flips and colour without the per-example sizes
+  (padded=False, what the train step uses in crop mode) give the same inputs."""
+  it = data.train_iterator(_cfg(data_dir, batch_dtype="uint8", color_jitter=0.3), batch_size=16,
+                           image_size=32, epoch=1, seed=4, mode="crop")
+  batch = next(iter(it))
+  s = data.data_settings(_cfg(data_dir, color_jitter=0.3))
+  key = jax.random.key(3)
+  sized = jax.jit(lambda b: on_device.train_batch(b, s, key))(batch)
+  plain = jax.jit(lambda b: on_device.train_batch(b, s, key, padded=False))(batch)
+  assert batch["flip"].any()
+  np.testing.assert_allclose(np.asarray(plain["image"]), np.asarray(sized["image"]),
+                             rtol=1e-6, atol=1e-6)

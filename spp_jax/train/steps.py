@@ -49,7 +49,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, use_image_siz
   metrics: loss, top1 (batch means), grad_norm, finite (loss and gradients finite).
   """
   def train_step(state: TrainState, batch):
-    batch = on_device.train_batch(batch, data, jax.random.fold_in(augment_key, state.step))
+    batch = on_device.train_batch(batch, data, jax.random.fold_in(augment_key, state.step),
+                                  padded=use_image_sizes)
     rngs = step_rngs(state.rngs, state.step)
     labels = batch["label"]
     w = _weights(batch, labels.shape[0])
