@@ -14,6 +14,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from spp_jax.train import config_schema
+
 PAPER_SCALES = (480, 576, 688, 864, 1200)   # short sides of the five-scale pyramid
 
 
@@ -31,10 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.task = "detection"   # spp_jax.main runs spp_jax.detection.run for this task
   c.seed = 0
   c.compare_rcnn = False   # also run the R-CNN path (each window through the conv layers)
-  # None: the architecture's own value (as in classification training).
-  c.model = ml_collections.ConfigDict(dict(
-      name="zf5", spp_levels=(6, 3, 2, 1), width_multiplier=1.0, fc_width=4096,
-      dropout_rate=0.5, base_size=None))
+  # The training schema's model keys and defaults (None: the architecture's own value).
+  c.model = config_schema.default_config().model
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = placeholder(str)   # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
