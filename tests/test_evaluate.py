@@ -51,8 +51,8 @@ def test_views_by_name_or_kind_and_another_split(trained):
                         data=fakes.SyntheticData())
   assert list(report["results"]) == ["full/top1", "full/top5", "center/top1", "center/top5"]
   assert report["split"] == "train"
-  with pytest.raises(RunError, match="unknown view 'multi'; this run has: center, full, "
-                                     "ten_view"):
+  with pytest.raises(RunError, match="unknown view 'multi'; this run has: center, "
+                                    "feature_multiview, full, ten_view"):
     evaluate_run(run, views=["multi"], data=fakes.SyntheticData())
 
 
