@@ -6,6 +6,7 @@ wherever no ./demo.py exists, and so does the README's `--config configs/demo.py
 the repository: a relative path that names no local file is looked up by its file name here.
 
   resolve("zf5_imagenet.py:multi")   -> "/.../spp_jax/configs/zf5_imagenet.py:multi"
+  resolve_argv(["--config=gs://bucket/my.py:tiny"])   # read into a local temporary copy
   load("imagenette.py", "single", relative_to=__file__)   # a config built on another one
 
 This file has no get_config: it is not a config.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 
 DIRECTORY = os.path.dirname(os.path.abspath(__file__))
@@ -67,9 +69,27 @@ def resolve_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
 
 
 def _resolved(spec: str) -> str:
+  if "://" in spec:
+    return _fetched(spec)
   if os.path.isfile(spec.partition(":")[0]):
     return spec  # A local file, as given.
   return resolve(spec)
+
+
+def _fetched(spec: str) -> str:
+  """"gs://bucket/dir/file.py[:arg]" -> a local copy's path + ":arg" (ValueError: one line)."""
+  from spp_jax import paths
+
+  match = re.fullmatch(r"(.+?\.py)(:.*)?", spec)
+  if match is None:
+    raise ValueError(f"config file {spec!r}: a config is a .py file, optionally with :ARG")
+  file, arg = match.group(1), match.group(2) or ""
+  try:
+    return paths.local_copy(file, "--config") + arg
+  except paths.UnsupportedPathError as e:
+    raise ValueError(str(e)) from None
+  except FileNotFoundError:
+    raise ValueError(f"config file {file!r} not found") from None
 
 
 def load(spec: str, arg: str | None = None, *, relative_to: str | None = None):

@@ -153,6 +153,9 @@ def _load_config():
 
 
 def _run(config, workdir: str):
+  from spp_jax import paths
+
+  paths.check(workdir, "workdir")  # a scheme other than gs:// fails before anything starts
   if config.get("task") == "detection":  # configs/detect_*.py: SPP-net detection (docs/paper.md §6)
     from spp_jax.detection.run import run  # after flags: imports jax
 

@@ -53,16 +53,22 @@ def configure_cpu_flags() -> bool:
 def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
   """Turns on JAX's persistent compilation cache; returns the directory used (None: off).
 
-  cache_dir defaults to $SPP_JAX_CACHE_DIR, then ~/.cache/spp_jax/jax; "" disables.
+  cache_dir defaults to $SPP_JAX_CACHE_DIR, then ~/.cache/spp_jax/jax; "" disables. It may
+  be gs://bucket/cache (JAX reads and writes it through etils.epath); another scheme is a
+  paths.UnsupportedPathError.
   """
   import jax
+
+  from spp_jax import paths
 
   if cache_dir is None:
     cache_dir = os.environ.get("SPP_JAX_CACHE_DIR",
                                os.path.join(os.path.expanduser("~"), ".cache", "spp_jax", "jax"))
   if not cache_dir:
     return None
-  os.makedirs(cache_dir, exist_ok=True)
+  paths.check(cache_dir, "compilation_cache_dir")
+  if not paths.is_remote(cache_dir):
+    os.makedirs(cache_dir, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

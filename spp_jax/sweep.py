@@ -24,12 +24,15 @@ variant whose `results.json` exists is skipped and an unfinished one resumes fro
 checkpoint. Collecting writes `DIR/results.csv` (one row per variant), `DIR/summary.md` (mean ±
 std over `average_over`) and `DIR/plot.png` (top-1 per category of the `x` axis: a dot with a
 ±std error bar per view, side by side, titled with the data set, the network and n).
+DIR may be gs://bucket/sweep (spp_jax/paths.py): the variants' logs are then written locally
+while they run and copied to DIR/<variant>/log.txt after.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -37,10 +40,13 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 
 import ml_collections
 from absl import app, flags
+
+from spp_jax import paths as path_lib
 
 RESULTS_FILE = "results.json"
 # An axis value's key that appends a variant to the base config's argument (`file.py:a,b`)
@@ -97,6 +103,9 @@ def load(path: str) -> ml_collections.ConfigDict:
   the working directory, then among the shipped configs by name (spp_jax.configs), and made
   absolute: the variants' commands then run from any directory.
   """
+  if path_lib.is_remote(path):  # gs://bucket/sweep.py[:arg]: read from a local copy
+    from spp_jax import configs
+    path = configs.resolve_argv(["--config", path])[1]
   file, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("_sweep_config", file)
   if spec is None or not os.path.exists(file):
@@ -132,12 +141,12 @@ def command(sweep: ml_collections.ConfigDict, variant: Mapping, sweep_dir: str,
 
 
 def is_finished(sweep_dir: str, variant: Mapping) -> bool:
-  return os.path.exists(os.path.join(sweep_dir, variant["name"], RESULTS_FILE))
+  return path_lib.path(os.path.join(sweep_dir, variant["name"], RESULTS_FILE)).exists()
 
 
 def run(sweep: ml_collections.ConfigDict, sweep_dir: str) -> list[str]:
   """Runs every unfinished variant in turn; returns the names of those that failed."""
-  os.makedirs(sweep_dir, exist_ok=True)
+  path_lib.path(sweep_dir, "--dir").mkdir(parents=True, exist_ok=True)
   failed = []
   for i, variant in enumerate(sweep.variants, 1):
     tag = f"[{i}/{len(sweep.variants)}] {variant['name']}"
@@ -145,11 +154,20 @@ def run(sweep: ml_collections.ConfigDict, sweep_dir: str) -> list[str]:
       print(f"{tag}: finished, skipped", flush=True)
       continue
     workdir = os.path.join(sweep_dir, variant["name"])
-    os.makedirs(workdir, exist_ok=True)
-    print(f"{tag}: running (log: {os.path.join(workdir, 'log.txt')})", flush=True)
-    with open(os.path.join(workdir, "log.txt"), "a") as log:
+    log_path = os.path.join(workdir, "log.txt")
+    if path_lib.is_remote(workdir):  # a subprocess writes to a local file; copied up after
+      log_path = os.path.join(tempfile.mkdtemp(prefix="spp_sweep_"), "log.txt")
+    else:
+      os.makedirs(workdir, exist_ok=True)
+    print(f"{tag}: running (log: {log_path})", flush=True)
+    with open(log_path, "a") as log:
       code = subprocess.call(command(sweep, variant, sweep_dir, sys.executable), stdout=log,
                              stderr=subprocess.STDOUT)
+    if path_lib.is_remote(workdir):
+      remote_log = path_lib.Appender(os.path.join(workdir, "log.txt"), binary=True)
+      with open(log_path, "rb") as log:
+        remote_log.write(log.read())
+      remote_log.close()
     if code != 0 or not is_finished(sweep_dir, variant):
       print(f"{tag}: FAILED (exit code {code}); see its log.txt", flush=True)
       failed.append(variant["name"])
@@ -177,11 +195,10 @@ def collect(sweep: ml_collections.ConfigDict, sweep_dir: str) -> list[dict]:
   """One row per finished variant: its labels and every metric of its results.json."""
   rows = []
   for variant in sweep.variants:
-    path = os.path.join(sweep_dir, variant["name"], RESULTS_FILE)
-    if not os.path.exists(path):
+    path = path_lib.path(os.path.join(sweep_dir, variant["name"], RESULTS_FILE))
+    if not path.exists():
       continue
-    with open(path) as f:
-      results = json.load(f)
+    results = json.loads(path.read_text())
     metrics = {k: v for k, v in results.items() if isinstance(v, (int, float))}
     rows.append({"variant": variant["name"], **variant["labels"], **metrics})
   return rows
@@ -216,16 +233,18 @@ def write_reports(sweep: ml_collections.ConfigDict, sweep_dir: str) -> dict[str,
            "markdown": os.path.join(sweep_dir, "summary.md"),
            "plot": os.path.join(sweep_dir, "plot.png")}
   columns = ["variant", *sweep.axes, *sorted({k for r in rows for k in r if "/" in k})]
-  with open(paths["csv"], "w", newline="") as f:
-    writer = csv.DictWriter(f, columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, columns, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  path_lib.write_atomic(paths["csv"], table.getvalue())
   keys, metrics, stats = summarize(sweep, rows)
   setting = run_setting(sweep, sweep_dir)
-  with open(paths["markdown"], "w") as f:
-    f.write(markdown_table(sweep, keys, metrics, stats, setting))
+  path_lib.write_atomic(paths["markdown"], markdown_table(sweep, keys, metrics, stats, setting))
   if rows:
-    plot(sweep, keys, metrics, stats, paths["plot"], setting)
+    png = io.BytesIO()
+    plot(sweep, keys, metrics, stats, png, setting)
+    path_lib.write_atomic(paths["plot"], png.getvalue())
   else:
     paths.pop("plot")
   return paths
@@ -260,10 +279,9 @@ def run_setting(sweep, sweep_dir: str) -> dict[str, list[str]]:
   """The data sets and networks the finished variants ran (their workdirs' config.json)."""
   found: dict[str, list[str]] = {"data": [], "network": []}
   for variant in sweep.variants:
-    path = os.path.join(sweep_dir, variant["name"], "config.json")
+    path = path_lib.path(os.path.join(sweep_dir, variant["name"], "config.json"))
     try:
-      with open(path) as f:
-        config = json.load(f)
+      config = json.loads(path.read_text())
       data, model = config["data"]["name"], config["model"]["name"]
     except (OSError, ValueError, KeyError, TypeError):
       continue
@@ -327,12 +345,12 @@ def _series(keys, metrics, stats, xi: int, x_labels: list) -> list[tuple[str, li
   return list(out.items())
 
 
-def plot(sweep, keys, metrics, stats, path: str, setting=None) -> None:
-  """Writes `figure(...)` to path (PNG)."""
+def plot(sweep, keys, metrics, stats, path, setting=None) -> None:
+  """Writes `figure(...)` to path (a local PNG file, or a binary file object)."""
   import matplotlib.pyplot as plt
 
   fig = figure(sweep, keys, metrics, stats, setting)
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, format="png")
   plt.close(fig)
 
 
@@ -409,8 +427,7 @@ def main(argv):
     return 0
   failed = [] if f.collect_only else run(sweep, f.dir)
   paths = write_reports(sweep, f.dir)
-  with open(paths["markdown"]) as table:
-    print(table.read())
+  print(path_lib.path(paths["markdown"]).read_text())
   print("\n".join(f"{k}: {v}" for k, v in paths.items()))
   if failed:
     print(f"{len(failed)} variant(s) failed: {', '.join(failed)}")

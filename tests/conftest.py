@@ -3,9 +3,16 @@ compilation cache so repeated runs compile less."""
 
 import os
 
-import pytest
+# The gs:// tests run in a child pytest inside `unshare -n` (tests/gcs_server.py); there the GCS
+# clients are pointed at 127.0.0.1 before google-auth, gcsfs, fsspec or TensorStore load.
+if os.environ.get("SPP_JAX_GCS_SANDBOX") == "1":
+  import gcs_server
 
-from spp_jax import runtime
+  gcs_server.configure_environment()
+
+import pytest  # noqa: E402
+
+from spp_jax import runtime  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("SPP_JAX_CACHE_DIR", os.path.join(_REPO, ".cache", "jax"))

@@ -18,6 +18,10 @@ views that need more than N pixels on the short side (full-image or multi-scale 
 scales above N, docs/paper.md §4) would see upsampled images. `--splits train` resizes only the
 training split and copies the others unchanged, so testing still reads the original images.
 
+A gs://bucket/... --data_dir is prepared in a local temporary directory and then copied up
+file by file (array_record files cannot be written to gs:// directly; they are read from it),
+dataset_info.json last, so a half-copied set never counts as prepared.
+
 imagenette, caltech101 and oxford_flowers102 are downloaded by TFDS (a connected machine);
 imagenet2012 needs ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in --manual_dir.
 `--source_dir` points the embedded set at another directory of Fashion-MNIST idx files.
@@ -35,11 +39,13 @@ import argparse
 import contextlib
 import glob as glob_lib
 import io
+import logging
 import multiprocessing
 import os
 import re
 import shutil
 import sys
+import tempfile
 import types
 from concurrent import futures
 from unittest import mock
@@ -47,6 +53,7 @@ from unittest import mock
 from etils import epath
 from PIL import Image
 
+from spp_jax import paths
 from spp_jax.data import _tfds_compat
 
 _tfds_compat.install()
@@ -54,6 +61,8 @@ _tfds_compat.install()
 import tensorflow_datasets as tfds  # noqa: E402
 
 from spp_jax.data import multiscale_fashion_mnist, sources, transforms  # noqa: E402,F401
+
+log = logging.getLogger(__name__)
 
 # The data sets this project documents; any other TFDS image-classification builder whose
 # code only needs tf.io.gfile works the same way.
@@ -155,7 +164,13 @@ def tf_free(builder=None):
 
 def prepare(name: str, data_dir: str | None = None, *, manual_dir: str | None = None,
             download_dir: str | None = None, source_dir: str | None = None):
-  """download_and_prepare(file_format="array_record") of a TFDS builder; returns the builder."""
+  """download_and_prepare(file_format="array_record") of a TFDS builder; returns the builder.
+
+  A gs:// data_dir is prepared locally, then copied up (see the module doc).
+  """
+  if data_dir and paths.is_remote(data_dir):
+    return _prepare_remote(name, data_dir, manual_dir=manual_dir, download_dir=download_dir,
+                           source_dir=source_dir)
   kwargs = {}
   if sources.base_name(name) == sources.EMBEDDED and source_dir:
     kwargs["source_dir"] = source_dir
@@ -165,6 +180,30 @@ def prepare(name: str, data_dir: str | None = None, *, manual_dir: str | None = 
     builder.download_and_prepare(download_dir=download_dir, download_config=config,
                                  file_format="array_record")
   return builder
+
+
+def _prepare_remote(name: str, data_dir: str, *, source_dir: str | None = None, **kwargs):
+  extra = {"source_dir": source_dir} if (
+      sources.base_name(name) == sources.EMBEDDED and source_dir) else {}
+  remote = tfds.builder(name, data_dir=data_dir, file_format="array_record", **extra)
+  if (remote.data_path / "dataset_info.json").exists():
+    return remote
+  with tempfile.TemporaryDirectory(prefix="spp_jax_tfds_") as local_dir:
+    log.info("preparing %s locally in %s, then copying it to %s (array_record files cannot be "
+             "written to %s directly)", name, local_dir, remote.data_path, data_dir)
+    local = prepare(name, local_dir, source_dir=source_dir, **kwargs)
+    upload(local.data_path, remote.data_path)
+  return tfds.builder(name, data_dir=data_dir, file_format="array_record", **extra)
+
+
+def upload(local_dir, remote_dir) -> None:
+  """Copies a prepared data set's directory to remote_dir, dataset_info.json last."""
+  files = []
+  for root, _, names in os.walk(os.fspath(local_dir)):
+    files += [os.path.relpath(os.path.join(root, n), local_dir) for n in names]
+  for rel in sorted(files, key=lambda f: (f == "dataset_info.json", f)):
+    with open(os.path.join(local_dir, rel), "rb") as f:
+      paths.path(os.path.join(os.fspath(remote_dir), rel)).write_bytes(f.read())
 
 
 # ----------------------------------------------------------------------------- pre-resized

@@ -14,13 +14,14 @@ have been prepared as array_record beforehand (`python -m spp_jax.data.prepare`)
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
-import os
 import re
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from spp_jax import paths
 from spp_jax.data import multiscale_fashion_mnist  # noqa: F401  (registers the builder)
 from spp_jax.data import transforms
 from spp_jax.data.settings import DataSettings, data_settings
@@ -67,6 +68,9 @@ def ensure_prepared(settings: DataSettings, *, process_count: int = 1
       raise ValueError(f"{settings.name} is not prepared in {builder.data_dir}; prepare it once "
                        f"before a multi-process run: "
                        f"{prepare_command(settings.name, settings.data_dir)}")
+    if paths.is_remote(builder.data_dir):  # prepared locally, then copied up (data/prepare.py)
+      from spp_jax.data import prepare
+      return prepare.prepare(settings.name, settings.data_dir, source_dir=settings.source_dir)
     log.info("preparing %s in %s (once)", settings.name, builder.data_dir)
     builder.download_and_prepare(file_format="array_record")
   return builder
@@ -180,10 +184,10 @@ def image_sizes(data_cfg, split: str, *, process_count: int = 1) -> np.ndarray:
   cache = None
   if _is_prepared(builder):
     safe = re.sub(r"[^A-Za-z0-9_.%-]+", "_", split)
-    cache = os.path.join(os.fspath(builder.data_path), _SIZE_CACHE_DIR,
-                         f"image_sizes-{safe}-{len(source)}.npy")
-    if os.path.exists(cache):
-      sizes = np.load(cache)
+    cache = paths.path(builder.data_path) / _SIZE_CACHE_DIR / (
+        f"image_sizes-{safe}-{len(source)}.npy")
+    if cache.exists():
+      sizes = np.load(io.BytesIO(cache.read_bytes()))
       if sizes.shape == (len(source), 2):
         return sizes
   sizes = np.zeros((len(source), 2), np.int32)
@@ -198,10 +202,10 @@ def image_sizes(data_cfg, split: str, *, process_count: int = 1) -> np.ndarray:
         pass
   if cache is not None:
     try:
-      os.makedirs(os.path.dirname(cache), exist_ok=True)
-      tmp = f"{cache}.{os.getpid()}.tmp.npy"
-      np.save(tmp, sizes)
-      os.replace(tmp, cache)
+      cache.parent.mkdir(parents=True, exist_ok=True)
+      buffer = io.BytesIO()
+      np.save(buffer, sizes)
+      paths.write_atomic(cache, buffer.getvalue())
     except OSError as e:
       log.info("image sizes not cached (%s)", e)
   return sizes

@@ -10,23 +10,31 @@ One checkpoint holds four items:
   manifest  shapes, dtypes and CRC-32s of the state's arrays and of meta (train/integrity.py).
 A state holding a NaN or an inf is never saved. A checkpoint that fails to read or to verify
 is moved to checkpoints/corrupt/<step>-<time> (never deleted) and the next older one is
-tried; when none is left that is an error, not a fresh start. Saving is synchronous: the next
-step donates the state's buffers. orbax is imported on the first save or restore (0.15 s),
-not on the way to a fresh run's first step.
+tried; when none is left that is an error, not a fresh start.
+
+Saving is asynchronous (orbax's async checkpointing): `save` returns once the state's arrays
+are copied to the host, so the next step may donate the device buffers, and the files, the
+checksums included (train/manifest_item.py), are written by background threads while training
+goes on. A checkpoint counts (steps, restore) only once orbax has finalised it; a save still
+being written when the process dies is an unfinished directory, removed on the next start.
+`wait` blocks until the last save is finished and raises its error. The directory is an
+etils.epath.Path (spp_jax/paths.py): local or gs://. orbax is imported on the first save or
+restore (0.15 s), not on the way to a fresh run's first step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import numpy as np
 
+from spp_jax import paths
 from spp_jax.errors import (DamagedCheckpointError, DiskFullError, NonFiniteLossError,
                             is_disk_full, one_line)
 from spp_jax.train import integrity
@@ -118,11 +126,19 @@ class Restored:
 
 
 def _ocp():
-  """orbax.checkpoint, with the per-process JSON item registered."""
+  """orbax.checkpoint, with the per-process JSON and the manifest items registered."""
   import orbax.checkpoint as ocp
 
-  from spp_jax.train import process_json  # noqa: F401  # registers ProcessJson{Save,Restore}
+  from spp_jax.train import manifest_item, process_json  # noqa: F401  # register their args
   return ocp
+
+
+def _has_step_dirs(directory) -> bool:
+  """Whether directory holds a step's directory (finished or not), without orbax."""
+  try:
+    return any(p.name.isdigit() for p in directory.iterdir())
+  except (FileNotFoundError, NotADirectoryError):
+    return False
 
 
 def _all_processes_agree(ok: bool) -> bool:
@@ -136,11 +152,12 @@ def _all_processes_agree(ok: bool) -> bool:
 class Checkpointer:
   """Saves and restores (TrainState, meta, iterator state) in `directory`, keeping `keep`."""
 
-  def __init__(self, directory: str, keep: int):
-    self.directory = os.path.abspath(directory)
-    self.corrupt_dir = os.path.join(self.directory, CORRUPT_DIR)
+  def __init__(self, directory, keep: int):
+    self.directory = paths.path(directory, "checkpoint directory")
+    self.corrupt_dir = self.directory / CORRUPT_DIR
     self._keep = keep
     self._created = None
+    self._writing: int | None = None  # the step of the save that may still be in flight
 
   @property
   def _manager(self):
@@ -148,51 +165,63 @@ class Checkpointer:
       ocp = _ocp()
       # Removing unfinished saves is safe: the workdir lock excludes a second writer.
       options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
-                                             enable_async_checkpointing=False,
+                                             enable_async_checkpointing=True,
                                              cleanup_tmp_directories=True)
       self._created = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=ITEMS)
     return self._created
 
   def steps(self) -> list[int]:
-    """Every finished checkpoint's step, oldest first."""
-    if not os.path.isdir(self.directory) or not any(
-        n.isdigit() for n in os.listdir(self.directory)):
+    """Every finished checkpoint's step, oldest first (not one still being written)."""
+    if self._created is None and not _has_step_dirs(self.directory):
       return []  # No checkpoint: no need for orbax yet.
-    return sorted(self._manager.all_steps())
+    steps = set(self._manager.all_steps())
+    if self._writing is not None and self._manager.is_saving_in_progress():
+      steps.discard(self._writing)
+    return sorted(steps)
 
   def latest_step(self) -> int | None:
     steps = self.steps()
     return steps[-1] if steps else None
 
   def last_good(self) -> str:
-    """For error messages: where the run can resume from."""
+    """For error messages: where the run can resume from (once the save in flight is done)."""
+    try:
+      self.wait()
+    except Exception as e:  # noqa: BLE001 - that save does not count; the message says which does
+      log.warning("the checkpoint being saved could not be finished: %s", one_line(str(e)))
     latest = self.latest_step()
     if latest is None:
       return f"No checkpoint was saved yet in {self.directory}"
     return f"The last good checkpoint is step {latest} in {self.directory}"
 
   def moved_aside(self) -> list[str]:
-    return sorted(os.listdir(self.corrupt_dir)) if os.path.isdir(self.corrupt_dir) else []
+    try:
+      return sorted(p.name for p in self.corrupt_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+      return []
 
   def manifest(self, step: int) -> dict | None:
     """The checkpoint's manifest, None when it cannot be read or trusted."""
     ocp = _ocp()
+    from spp_jax.train.manifest_item import ManifestRestore
     try:
-      got = self._manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))
+      got = self._manager.restore(step, args=ocp.args.Composite(manifest=ManifestRestore()))
     except Exception:  # noqa: BLE001 - damage of any kind; restore_latest says which
       return None
     return None if integrity.manifest_problem(got.manifest) else dict(got.manifest)
 
   def save(self, state: TrainState, meta: dict, data_state: Any) -> int:
-    """Saves at meta["step"] unless a checkpoint of that step exists.
+    """Starts saving at meta["step"] unless a checkpoint of that step exists or is being
+    written; returns once the state is copied to the host (its buffers may then be donated).
 
     Raises:
       NonFiniteLossError when a floating-point array of the state holds a NaN or an inf.
-      DiskFullError when the device of the directory is full (earlier checkpoints are intact).
+      DiskFullError when the device of the directory is full (earlier checkpoints are intact),
+        for this save or the previous one, which is finished first.
     """
     step = int(meta["step"])
-    if step in self.steps():
+    if step == self._writing or step in self.steps():
       return step  # Already saved at this step (e.g. the end of an epoch that was a save step).
     nested = to_nested(state)
     bad = integrity.non_finite(nested)
@@ -202,23 +231,45 @@ class Checkpointer:
           f"the train state became non-finite by step {step} (NaN or inf in {shown}); not "
           f"saved. {self.last_good()}",
           hint="lower optimizer.learning_rate, use float32 parameters, or check the inputs")
+    self.wait()  # orbax would wait for it too; here its failure names its own step
     ocp = _ocp()
+    from spp_jax.train.manifest_item import ManifestSave
     from spp_jax.train.process_json import ProcessJsonSave
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(nested), meta=ocp.args.JsonSave(meta),
         data=ProcessJsonSave(data_state),
-        manifest=ocp.args.JsonSave(integrity.make_manifest(nested, meta)))
-    try:
+        manifest=ManifestSave(integrity.host_copy(nested), meta))
+    with self._disk_full(step):
       self._manager.save(step, args=args, force=True)
+    self._writing = step
+    log.info("saving checkpoint at step %d in %s", step, self.directory)
+    return step
+
+  def wait(self) -> None:
+    """Blocks until the last save is finished (it then counts).
+
+    Raises:
+      DiskFullError (or the save's own error) when it failed; the step does not count.
+    """
+    step, self._writing = self._writing, None
+    if step is None or self._created is None:
+      return
+    with self._disk_full(step):
       self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    log.info("saved checkpoint at step %d in %s", step, self.directory)
+
+  @contextlib.contextmanager
+  def _disk_full(self, step: int):
+    """ENOSPC (or a quota) while saving step -> DiskFullError."""
+    try:
+      yield
     except Exception as e:
       if is_disk_full(e):
-        raise DiskFullError(self.directory, f"saving the checkpoint at step {step}",
+        raise DiskFullError(os.fspath(self.directory), f"saving the checkpoint at step {step}",
                             hint=f"free space there; checkpoints {self.steps()} are intact "
                                  f"and the next run resumes from the latest") from e
       raise
-    log.info("saved checkpoint at step %d in %s", step, self.directory)
-    return step
 
   def _read(self, step: int, abstract_state: TrainState) -> tuple[Restored | None, str | None]:
     """(restored, None), or (None, why the checkpoint at step cannot be used)."""
@@ -284,11 +335,10 @@ class Checkpointer:
     return None
 
   def _move_aside(self, step: int, problem: str | None):
-    source = os.path.join(self.directory, str(step))
-    target = os.path.join(self.corrupt_dir, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+    source = self.directory / str(step)
+    target = self.corrupt_dir / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
     if jax.process_index() == 0:
-      os.makedirs(self.corrupt_dir, exist_ok=True)
-      shutil.move(source, target)
+      paths.move(source, target)
       log.warning("checkpoint at step %d in %s failed verification (%s); moved to %s", step,
                   self.directory, problem or "on another process", target)
     if jax.process_count() > 1:
@@ -297,12 +347,17 @@ class Checkpointer:
     self._manager.reload()
 
   def close(self):
+    """Finishes the last save and closes orbax's manager. Errors are logged, not raised: the
+    caller's `wait` reports a failed save; here another error may be on its way out."""
     if self._created is not None:
+      try:
+        self.wait()
+      except Exception as e:  # noqa: BLE001
+        log.warning("the checkpoint being saved could not be finished: %s", one_line(str(e)))
       manager, self._created = self._created, None
       try:
-        manager.wait_until_finished()
         manager.close()
-      except Exception as e:  # noqa: BLE001 - a failed save already raised its own error
+      except Exception as e:  # noqa: BLE001
         log.debug("closing the checkpoint manager: %s", e)
 
 
@@ -338,7 +393,7 @@ def load_params(workdir: str, step: int | None = None) -> dict:
   Raises:
     DamagedCheckpointError when there is no checkpoint or it fails verification.
   """
-  directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+  directory = paths.path(workdir, "workdir") / "checkpoints"
   try:
     step, state, meta, manifest = _read_only_restore(directory, step)
   except DamagedCheckpointError:
@@ -386,8 +441,7 @@ def load_model(config, workdir: str, *, step: int | None = None, models=None,
   rep = parallel.replicated(parallel.make_mesh())
   abstract = state_lib.abstract_train_state(models, config.model, num_classes,
                                             int(config.seed), tx, rep)
-  checkpointer = Checkpointer(os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints"),
-                              keep=1_000)
+  checkpointer = Checkpointer(paths.path(workdir, "workdir") / "checkpoints", keep=1_000)
   try:
     step = checkpointer.latest_step() if step is None else step
     if step is None:

@@ -1,11 +1,13 @@
 """One writer per workdir: an exclusive lock file, workdir/.lock, naming its holder.
 
-The file is created with O_CREAT | O_EXCL, which is atomic on local file systems and on NFS
-(v3 and later), so two hosts that share the workdir cannot both create it. It holds the
-holder's host, pid, process start time, boot id and command line as JSON. A lock whose holder
-is gone is stale: on the holder's own host that is decided from the pid (and, so that a reused
-pid is not taken for the holder, the process start time and boot id); from another host it
-cannot be decided, and the error says which file to delete once that run is known to be gone.
+The file is created only where it does not exist, atomically (spp_jax/paths.py
+create_exclusive): with O_CREAT | O_EXCL on local file systems and NFS (v3 and later), with
+an upload under the precondition ifGenerationMatch=0 on GCS. Two hosts that share the workdir
+cannot both create it. It holds the holder's host, pid, process start time, boot id and
+command line as JSON. A lock whose holder is gone is stale: on the holder's own host that is
+decided from the pid (and, so that a reused pid is not taken for the holder, the process start
+time and boot id); from another host it cannot be decided, and the error says which file to
+delete once that run is known to be gone.
 
 Only process 0 of a multi-process run takes the lock (the others write nothing to the workdir
 but their checkpoint shards); every process learns whether it got it, so all of them fail
@@ -23,6 +25,7 @@ import time
 import uuid
 from typing import Any
 
+from spp_jax import paths
 from spp_jax.errors import DiskFullError, WorkdirLockedError, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -74,30 +77,12 @@ def _alive(holder: dict[str, Any]) -> bool:
   return not (start and _proc_start(pid) and _proc_start(pid) != start)
 
 
-def _create(path: str, content: str) -> bool:
-  """Creates path exclusively with content; False if it exists."""
-  try:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-  except FileExistsError:
-    return False
-  try:
-    os.write(fd, content.encode("utf-8"))
-    os.fsync(fd)
-  except OSError:
-    os.close(fd)
-    os.unlink(path)
-    raise
-  os.close(fd)
-  return True
-
-
-def _read(path: str) -> dict[str, Any] | None:
+def _read(path) -> dict[str, Any] | None:
   """The holder in a lock file; None if it is missing; {} if it stays unreadable."""
   deadline = time.monotonic() + _READ_RETRY_S
   while True:
     try:
-      with open(path, encoding="utf-8") as f:
-        return json.load(f)
+      return json.loads(path.read_text())
     except FileNotFoundError:
       return None
     except (OSError, ValueError):
@@ -122,9 +107,9 @@ class WorkdirLock:
   that fails to start leaves no trace.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
-    self.workdir = os.path.abspath(os.fspath(workdir))
-    self.path = os.path.join(self.workdir, LOCK_NAME)
+  def __init__(self, workdir, *, enabled: bool = True):
+    self.workdir = paths.path(workdir, "workdir")
+    self.path = self.workdir / LOCK_NAME
     self.enabled = enabled
     self._me: dict[str, Any] | None = None
     self._created_dir = False
@@ -146,13 +131,14 @@ class WorkdirLock:
     return False
 
   def _acquire(self):
-    self._created_dir = not os.path.isdir(self.workdir)
+    # An object store has no empty directories: nothing to create there, nothing to remove.
+    self._created_dir = not paths.is_remote(self.workdir) and not self.workdir.is_dir()
     try:
-      os.makedirs(self.workdir, exist_ok=True)
+      self.workdir.mkdir(parents=True, exist_ok=True)
       me = this_process()
       content = json.dumps(me, indent=1)
       for _ in range(20):
-        if _create(self.path, content):
+        if paths.create_exclusive(self.path, content):
           self._me = me
           return
         holder = _read(self.path)
@@ -174,39 +160,39 @@ class WorkdirLock:
 
   def _break(self, stale: dict[str, Any]):
     """Removes a lock whose holder is gone, under a guard file so only one breaker acts."""
-    guard = self.path + _BREAK_SUFFIX
+    guard = self.path.parent / (self.path.name + _BREAK_SUFFIX)
     try:
-      if time.time() - os.path.getmtime(guard) > _BREAK_STALE_S:
-        os.unlink(guard)
+      if time.time() - paths.mtime(guard) > _BREAK_STALE_S:
+        guard.unlink()
     except OSError:
       pass
-    if not _create(guard, json.dumps(this_process())):
+    if not paths.create_exclusive(guard, json.dumps(this_process())):
       time.sleep(0.05)
       return
     try:
       if _read(self.path) == stale:  # not a lock taken since by someone else
-        os.unlink(self.path)
+        self.path.unlink()
         log.warning("removed the stale lock of %s: that process is gone", describe(stale))
     finally:
-      os.unlink(guard)
+      guard.unlink()
 
   def release(self):
     if self._me is not None:
       if _read(self.path) == self._me:
-        os.unlink(self.path)
+        self.path.unlink()
       self._me = None
     self._remove_created_dir()
 
   def _remove_created_dir(self):
     if self._created_dir:
       try:
-        os.rmdir(self.workdir)  # only if still empty
+        os.rmdir(self.workdir)  # only if still empty (a local directory: see _acquire)
       except OSError:
         pass
       self._created_dir = False
 
 
-def _agree(ok: bool, workdir: str):
+def _agree(ok: bool, workdir):
   """Every process learns whether process 0 got the lock."""
   import jax
 

@@ -100,6 +100,7 @@ def train_and_evaluate(config, workdir, *, models: ModelRegistry | None = None,
     InterruptedRun (a KeyboardInterrupt) after saving, on SIGINT.
   """
   t_start = time.time()
+  wd = workdir_lib.open_paths(config, workdir)  # a scheme other than gs:// fails here
   runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
   cluster.initialize(config.distributed)
   if models is None:
@@ -108,7 +109,6 @@ def train_and_evaluate(config, workdir, *, models: ModelRegistry | None = None,
     from spp_jax import data
   spec = validate_config(config, device_count=jax.device_count(),
                          process_count=jax.process_count(), models=models)
-  wd = workdir_lib.Workdir.of(workdir)
   with WorkdirLock(wd.root, enabled=jax.process_index() == 0):
     saved = workdir_lib.check_config(config, wd)
     setup = preflight.prepare(config, wd, models, data, spec, saved)
@@ -232,6 +232,7 @@ class _Trainer:
     self._check_finite(pos.step)
     start = time.perf_counter()
     left_out = left_out_lib.add(pos.left_out, left_out_lib.of(self.it))
+    self.writer.flush()  # on gs:// the records reach the bucket before the checkpoint counts
     self.checkpointer.save(self.state, pos.meta(), dict(iterator=pos.data_state,
                                                         left_out=left_out))
     self.clock.excluded += time.perf_counter() - start
@@ -327,6 +328,7 @@ class _Trainer:
       self.clock.reset()
 
   def _stopped(self, pos: _Position, stop: StopSignal) -> dict:
+    self.checkpointer.wait()  # the checkpoint is finished before it is said to be saved
     self.progress.close()
     log.warning("stopped at step %d (%s); checkpoint saved in %s; run again with the same "
                 "workdir to resume", pos.step, stop.reason, self.checkpointer.directory)
@@ -338,6 +340,7 @@ class _Trainer:
     return {}
 
   def _finish(self, pos: _Position, results, details) -> dict[str, float]:
+    self.checkpointer.wait()  # saved while the evaluation ran; results.json comes after it
     self._write_eval(pos, results, details, None)
     left_out = left_out_lib.summary(pos.left_out, self.data, self.config.eval.views,
                                     self.data_cfg)

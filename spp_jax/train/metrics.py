@@ -11,6 +11,12 @@ metrics.jsonl and in the TensorBoard files, so every step is recorded once howev
 run was stopped, killed or sent back to an older checkpoint. Events (compilations, stops,
 resumes) are history and stay. TensorBoard files are written synchronously, so a full disk is
 an error of the step that wrote, not of a background thread.
+
+Both files are paths.Appender: on gs:// (objects cannot be appended to) they are uploaded
+again at most every paths.REMOTE_FLUSH_S, and always by `flush` (the loop's checkpoints and
+evaluations) and `close`. The event files are framed here (TFRecord: length, masked CRC-32C,
+payload, masked CRC-32C) rather than by tensorboardX's writers, whose GCS writer uploads once
+more at interpreter exit.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import sys
 import time
 from typing import Any
 
+from spp_jax import paths
 from spp_jax.errors import DiskFullError, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -57,10 +64,10 @@ def _dropped(step: int | None, keys, resume_step: int) -> bool:
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-def _tfrecords(path: str):
-  """(raw record bytes, payload) of each whole record of a TFRecord file; a torn tail ends it."""
-  with open(path, "rb") as f:
-    data = f.read()
+def _tfrecords(source):
+  """(raw record bytes, payload) of each whole record of a TFRecord file (its path, or its
+  bytes); a torn tail ends it."""
+  data = source if isinstance(source, bytes) else paths.path(source).read_bytes()
   pos = 0
   while pos + 12 <= len(data):
     (length,) = struct.unpack("<Q", data[pos:pos + 8])
@@ -71,52 +78,53 @@ def _tfrecords(path: str):
     pos = end
 
 
-def _truncate_tensorboard(logdir: str, resume_step: int) -> None:
-  if not os.path.isdir(logdir):
+def _truncate_tensorboard(logdir, resume_step: int) -> None:
+  logdir = paths.path(logdir)
+  if not logdir.is_dir():
     return
   event_pb2 = _import_tensorboardx().proto.event_pb2
-  for name in sorted(os.listdir(logdir)):
-    path = os.path.join(logdir, name)
-    if ".tfevents." not in name or not os.path.isfile(path):
+  for path in sorted(logdir.iterdir()):
+    if ".tfevents." not in path.name or not paths.is_file(path):
       continue
+    data = path.read_bytes()
     kept, changed = [], False
-    for raw, payload in _tfrecords(path):
+    for raw, payload in _tfrecords(data):
       event = event_pb2.Event.FromString(payload)
       keys = [v.tag for v in event.summary.value] if event.HasField("summary") else None
       if keys is not None and _dropped(event.step, keys, resume_step):
         changed = True
       else:
         kept.append(raw)
-    if changed or sum(map(len, kept)) != os.path.getsize(path):
-      _rewrite(path, b"".join(kept))
-
-
-def _rewrite(path: str, content: bytes) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(content)
-  os.replace(tmp, path)
+    if changed or sum(map(len, kept)) != len(data):
+      paths.write_atomic(path, b"".join(kept))
 
 
 class _EventFile:
-  """One TensorBoard event file, written synchronously."""
+  """One TensorBoard event file, written synchronously (on GCS: see paths.Appender)."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir):
     tbx = _import_tensorboardx()
     self._event_pb2, self._summary_pb2 = tbx.proto.event_pb2, tbx.proto.summary_pb2
-    os.makedirs(logdir, exist_ok=True)
-    stem = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}."
-                                f"{socket.gethostname()}.{os.getpid()}")
-    self.path, n = stem, 0
-    while os.path.exists(self.path):  # another writer of this process in the same second
+    self._masked_crc = tbx.record_writer.masked_crc32c
+    logdir = paths.path(logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    stem = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self.path, n = logdir / stem, 0
+    while self.path.exists():  # another writer of this process in the same second
       n += 1
-      self.path = f"{stem}.{n}"
-    self._writer = tbx.record_writer.RecordWriter(self.path)
+      self.path = logdir / f"{stem}.{n}"
+    self._writer = paths.Appender(self.path, binary=True)
     self._write(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def _write(self, event):
-    self._writer.write(event.SerializeToString())
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    self._writer.write(header + struct.pack("<I", self._masked_crc(header)) + data
+                       + struct.pack("<I", self._masked_crc(data)))
     self._writer.flush()
+
+  def flush(self):
+    self._writer.flush(force=True)
 
   def scalars(self, step: int, values: dict[str, float]):
     summary = self._summary_pb2.Summary(value=[
@@ -141,11 +149,11 @@ def _disk_full(path: str, what: str):
     raise
 
 
-def _truncate_jsonl(path: str, resume_step: int) -> None:
-  if not os.path.isfile(path):
+def _truncate_jsonl(path, resume_step: int) -> None:
+  path = paths.path(path)
+  if not paths.is_file(path):
     return  # absent (or a device, as in tests: nothing to read back)
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
+  lines = path.read_text().splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -157,7 +165,7 @@ def _truncate_jsonl(path: str, resume_step: int) -> None:
     if "event" in record or not _dropped(record.get("step"), record, resume_step):
       kept.append(line)
   if len(kept) != len(lines):
-    _rewrite(path, "".join(kept).encode("utf-8"))
+    paths.write_atomic(path, "".join(kept))
 
 
 class MetricWriter:
@@ -182,7 +190,7 @@ class MetricWriter:
     with _disk_full(self._path, "dropping the records past the resumed step"):
       _truncate_jsonl(self._path, resume_step)
       _truncate_tensorboard(self._logdir, resume_step)
-      self._jsonl = open(self._path, "a", encoding="utf-8")
+      self._jsonl = paths.Appender(self._path)
     for record in self._early:
       self.event(record)
     self._early.clear()
@@ -213,9 +221,13 @@ class MetricWriter:
       self._jsonl.flush()
 
   def flush(self):
+    """Everything written so far reaches the file (on GCS: is uploaded now)."""
     if self.enabled and self._jsonl is not None:
       with _disk_full(self._path, "writing metrics"):
-        self._jsonl.flush()
+        self._jsonl.flush(force=True)
+      if self._tb is not None:
+        with _disk_full(self._logdir, "writing TensorBoard events"):
+          self._tb.flush()
 
   def close(self):
     if self.enabled:

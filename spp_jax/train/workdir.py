@@ -9,8 +9,8 @@
 Resuming with a config that changes what is trained (network, data, optimiser, sizes, batch,
 seed, epochs) would silently mix two experiments in one workdir; it is refused unless
 config.allow_config_change is True. Keys that only change logging, evaluation, paths or the
-launch are free to differ. Every path of the run is made here, so that another file system
-(etils.epath, gs://) is a change to this module and to the lock.
+launch are free to differ. Every path of the run is made here, as an etils.epath.Path
+(spp_jax/paths.py): a local directory or gs://bucket/run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ import json
 import os
 from typing import Any
 
+from etils import epath
+
+from spp_jax import paths
 from spp_jax.errors import DiskFullError, is_disk_full
 
 CONFIG_FILE = "config.json"
@@ -37,48 +40,65 @@ COMPATIBLE_PREFIXES = (
 @dataclasses.dataclass(frozen=True)
 class Workdir:
   """The paths of one run's files."""
-  root: str
+  root: epath.Path
 
   @classmethod
   def of(cls, path) -> "Workdir":
-    return cls(os.path.abspath(os.fspath(path)))
+    """Raises paths.UnsupportedPathError (one line) for a scheme other than gs://."""
+    return cls(paths.path(path, "workdir"))
 
-  def __truediv__(self, name: str) -> str:
-    return os.path.join(self.root, name)
+  def __truediv__(self, name: str) -> epath.Path:
+    return self.root / name
 
   @property
-  def config(self) -> str:
+  def config(self) -> epath.Path:
     return self / CONFIG_FILE
 
   @property
-  def checkpoints(self) -> str:
+  def checkpoints(self) -> epath.Path:
     return self / "checkpoints"
 
   @property
-  def metrics(self) -> str:
+  def metrics(self) -> epath.Path:
     return self / "metrics.jsonl"
 
   @property
-  def tensorboard(self) -> str:
+  def tensorboard(self) -> epath.Path:
     return self / "tensorboard"
 
   @property
-  def results(self) -> str:
+  def results(self) -> epath.Path:
     return self / RESULTS_FILE
 
 
-def write_json(path: str, value: Any, what: str) -> None:
-  """Writes JSON atomically (a temporary file renamed over path); ENOSPC -> DiskFullError."""
-  tmp = f"{path}.tmp.{os.getpid()}"  # per process: never a name two writers share
+# The config's other paths, checked with the workdir before anything runs.
+PATH_KEYS = ("compilation_cache_dir", "init_from", "data.data_dir", "data.source_dir")
+
+
+def open_paths(config, workdir) -> Workdir:
+  """The run's Workdir, after checking that every path of the config can be used.
+
+  Raises:
+    paths.UnsupportedPathError (one line) naming the flag or key with a scheme other than
+    gs:// (or gs:// without gcsfs installed).
+  """
+  wd = Workdir.of(workdir)
+  for key in PATH_KEYS:
+    node = config
+    for part in key.split("."):
+      node = node.get(part) if node is not None else None
+    if isinstance(node, str) and node:
+      paths.check(node, f"config.{key}")
+  return wd
+
+
+def write_json(path, value: Any, what: str) -> None:
+  """Writes JSON atomically (paths.write_atomic); ENOSPC -> DiskFullError."""
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    paths.write_atomic(path, json.dumps(value, indent=2, sort_keys=True))
   except OSError as e:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
     if is_disk_full(e):
-      raise DiskFullError(path, f"writing {what}") from e
+      raise DiskFullError(os.fspath(path), f"writing {what}") from e
     raise
 
 
@@ -110,10 +130,10 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def saved_config(workdir: Workdir) -> dict | None:
-  if not os.path.exists(workdir.config):
+  try:
+    return json.loads(workdir.config.read_text())
+  except FileNotFoundError:
     return None
-  with open(workdir.config, encoding="utf-8") as f:
-    return json.load(f)
 
 
 def check_config(config, workdir: Workdir) -> dict | None:
