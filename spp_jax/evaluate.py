@@ -29,6 +29,7 @@ from typing import Any
 
 import ml_collections
 
+from spp_jax import paths
 from spp_jax.train.config_schema import VIEW_KINDS, ConfigError
 from spp_jax.train.config_schema import view as make_view
 
@@ -43,15 +44,22 @@ class RunError(ValueError):
 # ----------------------------------------------------------------------------- the run
 
 
+def _root(workdir):
+  """The workdir as an epath.Path (local or gs://); a RunError for another scheme."""
+  try:
+    return paths.path(workdir, "workdir")
+  except paths.UnsupportedPathError as e:
+    raise RunError(str(e)) from None
+
+
 def saved_config(workdir: str) -> ml_collections.ConfigDict:
   """workdir/config.json as a ConfigDict (views as ConfigDicts), or a RunError."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isdir(workdir):
+  path = _root(workdir) / CONFIG_FILE
+  if not path.parent.is_dir():
     raise RunError(f"workdir {workdir!r} does not exist")
-  if not os.path.exists(path):
+  if not path.exists():
     raise RunError(f"{path} not found: {workdir!r} is not a training workdir")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   if config.get("task") == "detection":
     raise RunError(f"{workdir!r} holds a detection run; evaluate, predict and export take "
                    f"classification runs")
@@ -65,7 +73,7 @@ def _manager(workdir: str):
 
   from spp_jax.train.process_json import ProcessJsonHandler  # also registers its args
 
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  directory = _root(workdir) / CHECKPOINTS
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
               "data": ProcessJsonHandler(), "manifest": ocp.JsonCheckpointHandler()}
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -74,8 +82,8 @@ def _manager(workdir: str):
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The saved steps of a workdir (finished saves only), oldest first; [] when none."""
-  directory = os.path.join(workdir, CHECKPOINTS)
-  if not os.path.isdir(directory) or not os.listdir(directory):
+  directory = _root(workdir) / CHECKPOINTS
+  if not directory.is_dir() or not any(directory.iterdir()):
     return []
   with _manager(workdir) as manager:
     return sorted(int(s) for s in manager.all_steps())
@@ -143,7 +151,7 @@ def open_run(workdir: str, step: int | None = None, *, models=None, data=None) -
   from spp_jax.train.loop import prepared_data_config
   from spp_jax.train.model import default_registry, model_spec
 
-  workdir = os.path.abspath(workdir)
+  workdir = os.fspath(_root(workdir))  # local: absolute; gs://: as given
   config = saved_config(workdir)
   step = _choose_step(workdir, step)
   models = default_registry() if models is None else models
@@ -239,21 +247,22 @@ def default_output(run: Run, report: dict) -> str:
 
 def write_json(path: str, obj) -> None:
   """Writes obj to path atomically; a RunError naming the path if it cannot be written."""
-  path = os.path.abspath(path)
+  path = os.fspath(_root(path))
   if os.sep + CHECKPOINTS + os.sep in path + os.sep:
     raise RunError(f"--output {path!r} is inside a checkpoints/ directory; choose another path")
-  tmp = f"{path}.{os.getpid()}.tmp"
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    paths.path(path).parent.mkdir(parents=True, exist_ok=True)
+    paths.write_atomic(path, json.dumps(obj, indent=2))
   except OSError as e:
     raise RunError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def check_writable(path: str) -> None:
-  """Fails early (before minutes of evaluation) when `path` cannot be created."""
+  """Fails early (before minutes of evaluation) when `path` cannot be created (a gs:// path
+  is only checked for its scheme: a bucket says no when written)."""
+  if paths.is_remote(path):
+    _root(path)
+    return
   directory = os.path.dirname(os.path.abspath(path)) or "."
   probe = directory
   while not os.path.exists(probe):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
@@ -168,7 +169,11 @@ def save(path: str, programs: dict, leaves: list[np.ndarray], manifest: dict) ->
   """Writes the archive atomically; returns its size in bytes."""
   if sys.byteorder != "little":
     raise ExportError("artifacts are written on little-endian machines only")
-  tmp = f"{path}.{os.getpid()}.tmp"
+  from spp_jax import paths
+
+  remote = paths.is_remote(path)  # gs://: the archive is made locally, then uploaded whole
+  tmp = (os.path.join(tempfile.mkdtemp(prefix="spp_export_"), "archive") if remote
+         else f"{path}.{os.getpid()}.tmp")
   try:
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
       z.writestr(MANIFEST, json.dumps(manifest, indent=2))
@@ -176,12 +181,18 @@ def save(path: str, programs: dict, leaves: list[np.ndarray], manifest: dict) ->
         z.writestr(manifest["forms"][form]["file"], bytes(blob))
       for i, x in enumerate(leaves):
         z.writestr(_param_file(i), np.ascontiguousarray(x).tobytes())
-    os.replace(tmp, path)
+    size = os.path.getsize(tmp)
+    if remote:
+      with open(tmp, "rb") as f:
+        paths.path(path).write_bytes(f.read())
+    else:
+      os.replace(tmp, path)
   except OSError as e:
+    raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+  finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-    raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
-  return os.path.getsize(path)
+  return size
 
 
 # ----------------------------------------------------------------------------- loading

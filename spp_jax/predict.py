@@ -23,6 +23,7 @@ import logging
 import sys
 
 import numpy as np
+from etils import epath
 
 from spp_jax.evaluate import Run, RunError, open_run
 
@@ -83,8 +84,7 @@ def load_files(paths: list[str], settings, view) -> tuple[list[Loaded], list[dic
   loaded, skipped = [], []
   for path in paths:
     try:
-      with open(path, "rb") as f:
-        encoded = f.read()
+      encoded = epath.Path(path).read_bytes()  # a local file or gs://bucket/...
     except OSError as e:
       skipped.append(dict(file=path, error=f"cannot read: {e.strerror or e}"))
       continue
