@@ -23,13 +23,12 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from typing import Any
 
 import ml_collections
 
-from spp_jax import paths
+from spp_jax import errors, paths
 from spp_jax.train.config_schema import VIEW_KINDS, ConfigError
 from spp_jax.train.config_schema import view as make_view
 
@@ -324,7 +323,7 @@ def main(argv):
     path = f.output or default_output(run, report)
     write_json(path, report)
   except (RunError, ConfigError, ValueError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    errors.report(e)
     return 1
   print(f"{report['data']} split {report['split']!r}, step {run.step} of {run.workdir}:")
   print(results_table(report["results"]))

@@ -306,7 +306,7 @@ def _define_flags():
 def main(argv):
   from absl import flags
 
-  from spp_jax import runtime
+  from spp_jax import errors, runtime
   from spp_jax.evaluate import RunError, check_writable, open_run, quiet_logs
 
   if len(argv) > 1:
@@ -323,7 +323,7 @@ def main(argv):
                                               platforms=f.platforms)
     size = save(f.output, programs, leaves, manifest)
   except (RunError, ExportError, ValueError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    errors.report(e)
     return 1
   forms = ", ".join(f"{k} ({len(v) / 1e3:.0f} kB)" for k, v in programs.items())
   print(f"wrote {f.output}: {size / 1e6:.1f} MB, forms {forms}, platforms "

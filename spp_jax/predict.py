@@ -25,6 +25,7 @@ import sys
 import numpy as np
 from etils import epath
 
+from spp_jax import errors
 from spp_jax.evaluate import Run, RunError, open_run
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def main(argv):
     run = open_run(f.workdir, f.step)
     results, skipped = predict(run, paths, view=f.view, top_k=f.top_k, batch_size=f.batch_size)
   except (RunError, ValueError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    errors.report(e)
     return 1
   for s in skipped:
     print(f"skipped {s['file']}: {s['error']}", file=sys.stderr)
