@@ -19,7 +19,7 @@ import pytest
 from spp_jax import configs
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("spp-train", "spp-evaluate", "spp-predict", "spp-export", "spp-sweep")
+SCRIPTS = ("spp-train", "spp-evaluate", "spp-predict", "spp-export", "spp-sweep", "spp-plan")
 
 
 def _pyproject() -> dict:

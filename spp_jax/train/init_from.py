@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
+from spp_jax import paths
 from spp_jax.train.config_schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,10 @@ def match(target: Mapping[str, object], source: Mapping[str, object], *, where: 
 
 
 def saved_steps(workdir: str) -> list[int]:
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = paths.path(workdir, "config.init_from") / "checkpoints"
+  if not directory.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
 def source_params(workdir: str, step: int | None) -> dict[str, np.ndarray]:
@@ -120,7 +121,7 @@ def source_params(workdir: str, step: int | None) -> dict[str, np.ndarray]:
   steps = saved_steps(workdir)
   if not steps:
     raise ConfigError(f"config.init_from={workdir!r}: no checkpoint in "
-                      f"{os.path.join(workdir, 'checkpoints')}")
+                      f"{paths.path(workdir) / 'checkpoints'}")
   if step is not None and step not in steps:
     raise ConfigError(f"config.init_from_step={step}: {workdir!r} has checkpoints at steps "
                       f"{', '.join(map(str, steps))}")
@@ -157,7 +158,7 @@ def warm_start(state, config, tx, *, event: Callable[[dict], None] | None = None
   workdir = config.get("init_from")
   if not workdir:
     return state
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = os.fspath(paths.path(workdir, "config.init_from"))
   step = config.get("init_from_step")
   params, report = transfer(state.params, workdir, step)
   sharding = jax.tree.leaves(state.params)[0].sharding
