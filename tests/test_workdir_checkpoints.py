@@ -80,23 +80,33 @@ def test_damaged_array_file_falls_back_to_the_previous_checkpoint(stopped, tmp_p
 
 def test_damage_that_orbax_restores_silently_is_caught_by_the_checksums(stopped, tmp_path,
                                                                         monkeypatch):
-  # One byte inside the (zstd-compressed) array file: TensorStore decodes it without error.
-  for name, check in (("unchecked", False), ("checked", True)):
-    workdir = tmp_path / name
+  # One byte inside the (zstd-compressed) array file that TensorStore decodes without error.
+  # Where such a byte lies depends on the file's layout (async saves write arrays in any
+  # order), so the offset is searched for with verification off.
+  good = Checkpointer(str(stopped / "checkpoints"), keep=2).restore(12, _abstract_state())
+
+  def restore(name, fraction, check):
+    workdir = tmp_path / f"{name}-{fraction}"
     shutil.copytree(stopped, workdir)
-    damage(_array_file(workdir / "checkpoints" / "12"), 0.25, size=1)
+    damage(_array_file(workdir / "checkpoints" / "12"), fraction, size=1)
     if not check:
       monkeypatch.setattr(integrity, "verify", lambda *args: None)
-    restored = Checkpointer(str(workdir / "checkpoints"), keep=2).restore_latest(
-        _abstract_state())
-    monkeypatch.undo()
-    if check:
-      assert restored.step == 10 and os.listdir(workdir / "checkpoints" / "corrupt")
-    else:  # what orbax alone would have trained on: another state than the one saved
-      good = Checkpointer(str(stopped / "checkpoints"), keep=2).restore(12, _abstract_state())
-      assert restored.step == 12
-      assert not all(np.array_equal(a, b) for a, b in zip(
-          jax.tree.leaves(to_nested(restored.state)), jax.tree.leaves(to_nested(good.state))))
+    try:
+      return workdir, Checkpointer(str(workdir / "checkpoints"), keep=2).restore_latest(
+          _abstract_state())
+    finally:
+      monkeypatch.undo()
+
+  for fraction in (0.25, 0.1, 0.4, 0.55, 0.7, 0.85):
+    _, restored = restore("unchecked", fraction, check=False)
+    silent = restored.step == 12 and not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(to_nested(restored.state)), jax.tree.leaves(to_nested(good.state))))
+    if silent:  # what orbax alone would have trained on: another state than the one saved
+      break
+  else:
+    pytest.skip("orbax itself detected the damage at every offset tried")
+  workdir, restored = restore("checked", fraction, check=True)
+  assert restored.step == 10 and os.listdir(workdir / "checkpoints" / "corrupt")
 
 
 def _abstract_state():
