@@ -165,7 +165,7 @@ def train_shapes(config, data_cfg) -> list[tuple[int, int]]:
   s = settings.data_settings(data_cfg)
   out: list[tuple[int, int]] = []
   for size in sizes:
-    short = pipeline._full_short_side(s, size)  # noqa: SLF001 - the pipeline's own rule
+    short = pipeline.full_short_side(s, size)  # the pipeline's own rule
     out += [tuple(hw) for hw in transforms.scale_buckets(s.buckets, s.full_short_side, short)
             if tuple(hw) not in out]
   return out

@@ -225,7 +225,7 @@ class BatchMaker:
 # ----------------------------------------------------------------------------- buckets
 
 
-def _full_short_side(settings: DataSettings, image_size: int) -> int:
+def full_short_side(settings: DataSettings, image_size: int) -> int:
   """Full-image training at the epoch's size: short side scaled by image_size / crop_size."""
   return max(1, round(settings.full_short_side * image_size / settings.crop_size))
 
@@ -298,7 +298,7 @@ def train_iterator(data_cfg, *, batch_size: int, image_size: int, epoch: int, se
   else:
     buckets = example_buckets(s, split, process_count=process_count)
     full = plan_lib.train_plan(n, global_batch, seed=seed, epoch=epoch, buckets=buckets)
-    short = _full_short_side(s, int(image_size))
+    short = full_short_side(s, int(image_size))
     check_min_size("full-image short side", short, s.min_size)
     maker = BatchMaker(kind="train_full", short_side=short,
                        buckets=transforms.scale_buckets(s.buckets, s.full_short_side, short),

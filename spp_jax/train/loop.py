@@ -4,8 +4,9 @@ Order of work, so that mistakes cost seconds and a failed start leaves the workd
 config checks (no compilation, no data), the workdir's lock and saved config, the data set's
 facts, the network and the saved shapes (train/preflight.py), the train state (fresh, or the
 newest checkpoint that verifies), and only then config.json and the records; then epochs.
-Each epoch has one input size (SPEC §3: "alternate" 224/180, or "uniform" in a range) or, in
-full-image mode, a few padded bucket shapes; each distinct batch shape compiles once.
+Each epoch has one input size (docs/paper.md §3: "alternate" 224/180, or "uniform" in a
+range) or, in full-image mode, a few padded bucket shapes; each distinct batch shape compiles
+once.
 
 The host never waits for the device except to log, to checkpoint, and to keep at most
 MAX_INFLIGHT steps queued, so reading the next batch overlaps the current step.
