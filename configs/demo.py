@@ -14,6 +14,7 @@ Evaluation views: the centre 64 crop, the full image (short side 72, padded buck
 pooled over its own map), and 10-view (centre and corner crops with flips, scores averaged).
 
 Variants (comma separated): multi (default), single, uniform, nospp, levels=NNN, full_image,
+feature_views (also multi-view testing on feature maps: 98 views, ~18x the 10-view's cost),
 tiny (alias runlocal: the data set's "tiny" configuration, one short epoch).
 """
 

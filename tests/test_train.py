@@ -338,6 +338,10 @@ def test_config_variants():
   assert config.model.head == "fixed" and tuple(config.train.sizes) == (224,)
   assert {v.kind for v in config.eval.views} <= {"center", "ten_view"}
   assert parse_levels("6-3-2-1") == (6, 3, 2, 1)
+  config = apply_variants(default_config(), "single,feature_views")
+  assert [v.kind for v in config.eval.views][-1] == "feature_multiview"
+  with pytest.raises(ValueError, match="feature_views"):
+    apply_variants(default_config(), "nospp,feature_views")
   with pytest.raises(ValueError, match="unknown config variant"):
     apply_variants(default_config(), "multii")
   with pytest.raises(ValueError, match="levels"):

@@ -15,7 +15,8 @@ from spp_jax.train.variants import parse_arg
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _FILES = ("demo.py", "zf5_imagenet.py", "imagenette.py")
 _VARIANTS = (None, "single", "multi", "uniform", "nospp", "levels=4321", "full_image", "tiny",
-             "multi,tiny", "nospp,tiny", "full_image,tiny", "uniform,levels=421,tiny")
+             "multi,tiny", "nospp,tiny", "full_image,tiny", "uniform,levels=421,tiny",
+             "single,feature_views", "feature_views,tiny")
 
 
 def _load(name):
@@ -46,6 +47,8 @@ def test_variant_is_valid(name, arg):
     assert config.train.schedule == "uniform"
   if variants.get("full_image"):
     assert config.train.mode == "full_image"
+  if variants.get("feature_views"):
+    assert [v.kind for v in config.eval.views].count("feature_multiview") == 1
   if "levels" in variants:
     assert len(config.model.spp_levels) == len(str(variants["levels"]))
   if variants.get("tiny"):

@@ -6,6 +6,8 @@
   nospp         the no-SPP baseline: head="fixed", single size, only base-size eval views
   levels=4321   SPP pyramid levels, one digit per level, or separated: levels=6-3-2-1
   full_image    full-image training with padded buckets (data.full_image)
+  feature_views also score multi-view testing on feature maps (docs/paper.md §4), the view's
+                defaults: the paper's 96 + 2 views; SPP head only
   tiny          (alias runlocal) a seconds-long smoke run of the same plumbing
 
 A config file ends with `apply_variants(config, arg)`, so `--config configs/x.py:multi,levels=4321`
@@ -21,7 +23,8 @@ from spp_jax.train.config_schema import ConfigError, view
 
 def parse_arg(arg: str | None) -> dict[str, object]:
   """"multi,levels=4321" -> {"multi": True, "levels": "4321"}; unknown variants raise."""
-  known = ("single", "multi", "uniform", "nospp", "levels", "full_image", "tiny", "runlocal")
+  known = ("single", "multi", "uniform", "nospp", "levels", "full_image", "feature_views",
+           "tiny", "runlocal")
   out: dict[str, object] = {}
   for part in (arg or "").split(","):
     part = part.strip()
@@ -92,6 +95,12 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None, *,
     # The fixed head only accepts the base size: keep the crop views at that size.
     config.eval.views = [v for v in config.eval.views
                          if v.kind in ("center", "ten_view") and (v.size or base) == base]
+  if variants.get("feature_views"):
+    if config.model.head != "spp":
+      raise ConfigError(f"feature_views pools windows of the conv map with SPP; the "
+                        f"{config.model.head!r} head cannot (arg={arg!r})")
+    if not any(v.kind == "feature_multiview" for v in config.eval.views):
+      config.eval.views = [*config.eval.views, view("feature_multiview", "feature_multiview")]
   return config
 
 
@@ -127,7 +136,8 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.decay_epochs = (1,)
   c.eval.batch_size = 16
   c.eval.every_epochs = 0
+  feature_views = [v for v in c.eval.views if v.kind == "feature_multiview"]  # kept
   c.eval.views = [v for v in [view("center", "center"), view("full", "full"),
                               view("ten_view", "ten_view")]
-                   if c.model.head == "spp" or v.kind != "full"]
+                   if c.model.head == "spp" or v.kind != "full"] + feature_views
   return c
