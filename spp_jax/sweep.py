@@ -207,7 +207,7 @@ def collect(sweep: ml_collections.ConfigDict, sweep_dir: str) -> list[dict]:
 def summarize(sweep: ml_collections.ConfigDict, rows: Sequence[dict]) -> tuple[list, list, dict]:
   """Groups rows by every axis but `average_over`: (group keys, metric names, stats)."""
   keys = [a for a in sweep.axes if a != sweep.average_over]
-  metrics = sorted({k for r in rows for k in r if "/" in k})
+  metrics = metric_names(rows)
   groups: dict[tuple, list[dict]] = {}
   order = {a: list(dict.fromkeys(v["labels"][a] for v in sweep.variants)) for a in keys}
   for r in rows:
@@ -232,7 +232,7 @@ def write_reports(sweep: ml_collections.ConfigDict, sweep_dir: str) -> dict[str,
   paths = {"csv": os.path.join(sweep_dir, "results.csv"),
            "markdown": os.path.join(sweep_dir, "summary.md"),
            "plot": os.path.join(sweep_dir, "plot.png")}
-  columns = ["variant", *sweep.axes, *sorted({k for r in rows for k in r if "/" in k})]
+  columns = ["variant", *sweep.axes, *metric_names(rows)]
   table = io.StringIO(newline="")
   writer = csv.DictWriter(table, columns, extrasaction="ignore")
   writer.writeheader()
@@ -252,9 +252,20 @@ def write_reports(sweep: ml_collections.ConfigDict, sweep_dir: str) -> dict[str,
 
 # ----------------------------------------------------------------------------- reports
 
-# Readable names of the usual evaluation views (results keys "<view name>/top1").
-VIEW_LABELS = {"center": "centre crop", "ten_view": "10-view", "full": "full image",
-               "multiscale": "multi-scale", "feature_multiview": "multi-view (feature maps)"}
+# Readable names of the usual evaluation views (results keys "<view name>/top1"), in the order
+# the tables and plots list them.
+VIEW_LABELS = {"center": "centre crop", "full": "full image", "ten_view": "10-view",
+               "feature_multiview": "multi-view (feature maps)", "multiscale": "multi-scale"}
+
+
+def metric_names(rows: Sequence[dict]) -> list[str]:
+  """The rows' "<view>/<metric>" keys, the usual views first in VIEW_LABELS' order."""
+  known = list(VIEW_LABELS)
+  names = {k for r in rows for k in r if "/" in k}
+  def order(m):
+    view, _, kind = m.rpartition("/")
+    return (known.index(view) if view in known else len(known), view, kind)
+  return sorted(names, key=order)
 
 
 def view_label(name: str) -> str:
@@ -318,7 +329,8 @@ def markdown_table(sweep, keys, metrics, stats, setting=None) -> str:
   lines = [f"{caption(sweep, stats, setting)}: accuracy in %, mean ± std{over}.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for g, s in stats.items():
-    cells = [*g, str(s["n"]), *(_percent(*s[m]) for m in metrics)]
+    cells = [*(_category_label(a, v) for a, v in zip(keys, g)), str(s["n"]),
+             *(_percent(*s[m]) for m in metrics)]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -332,9 +344,7 @@ def _series(keys, metrics, stats, xi: int, x_labels: list) -> list[tuple[str, li
   """One series per top-1 view (and value of the other axes): [(label, [(x index, (mean,
   std)), ...])], points without a value left out."""
   out: dict[str, list] = {}
-  known = list(VIEW_LABELS)  # the usual views in the order of docs/paper.md §4, then the rest
-  top1 = [m for m in metrics if m.endswith("/top1")]
-  top1.sort(key=lambda m: known.index(m[:-5]) if m[:-5] in known else len(known))
+  top1 = [m for m in metrics if m.endswith("/top1")]  # metric_names' order
   for m in top1:
     for g, s in stats.items():
       if math.isnan(s[m][0]):

@@ -85,8 +85,8 @@ def test_run_skips_finished_reruns_failed_and_reports(fake_sweep, tmp_path):
                           "point: accuracy in %, mean ± std over seed.")
   assert "| levels | runs | centre crop top-1 (%) | centre crop top-5 (%) |" in table
   # 4-2-1: seeds give 0.530 and 0.531 -> 53.05 ± 0.07 (sample std).
-  assert "| 4-2-1 | 2 | 53.05 ± 0.07 | 90.00 ± 0.00 | 55.05 ± 0.07 | 95.00 ± 0.00 |" in table
-  assert table.index("| 2-1 |") < table.index("| 4-2-1 |") < table.index("| no-SPP |")
+  assert "| {4, 2, 1} | 2 | 53.05 ± 0.07 | 90.00 ± 0.00 | 55.05 ± 0.07 | 95.00 ± 0.00 |" in table
+  assert table.index("| {2, 1} |") < table.index("| {4, 2, 1} |") < table.index("| no-SPP |")
   assert "| no-SPP | 2 | 44.05 ± 0.07 | 90.00 ± 0.00 | — | — |" in table
   assert os.path.getsize(paths["plot"]) > 1000
   if os.environ.get("SPP_JAX_PLOT_DIR"):
@@ -157,7 +157,8 @@ def test_plot_is_a_dot_plot_of_categories_titled_with_data_network_and_n(tmp_pat
   assert [t.get_text() for t in ax.get_xticklabels()] == ["{1}", "{2, 1}", "{4, 2, 1}",
                                                          "no-SPP"]
   legend = [t.get_text() for t in ax.get_legend().get_texts()]
-  assert legend == ["centre crop", "10-view", "full image", "multi-view (feature maps)"]
+  assert legend == ["centre crop", "full image", "10-view", "multi-view (feature maps)"]
+  assert metrics == ["center/top1", "full/top1", "ten_view/top1", "feature_multiview/top1"]
   dots = {c.get_label(): c.lines for c in ax.containers}  # one errorbar per view
   assert list(dots) == legend
   for label, (data_line, _, (bars,)) in dots.items():
