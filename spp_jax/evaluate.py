@@ -145,7 +145,7 @@ def open_run(workdir: str, step: int | None = None, *, models=None, data=None) -
   import jax
   import orbax.checkpoint as ocp
 
-  from spp_jax.train import parallel, schedules, state as state_lib
+  from spp_jax.train import integrity, parallel, schedules, state as state_lib
   from spp_jax.train.checkpoint import from_nested
   from spp_jax.train.loop import prepared_data_config
   from spp_jax.train.model import default_registry, model_spec
@@ -169,7 +169,18 @@ def open_run(workdir: str, step: int | None = None, *, models=None, data=None) -
                                               int(config.seed), tx, rep)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rep), meta,
                           is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    try:
+      got = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
+          manifest=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types for bad files
+      raise RunError(f"the checkpoint at step {step} in {workdir} cannot be read: "
+                     f"{type(e).__name__}: {errors.one_line(str(e))[:200]}") from None
+  # The checksums training wrote (train/integrity.py): never score a damaged checkpoint.
+  problem = integrity.verify(got.manifest, got.state, dict(got.meta))
+  if problem:
+    raise RunError(f"the checkpoint at step {step} in {workdir} failed verification: "
+                   f"{problem}; score another step with --step")
   try:
     state = from_nested(got.state, abstract)
   except (KeyError, TypeError) as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,19 @@ def test_steps_and_missing_checkpoints(trained, tmp_path):
     _open(tmp_path / "empty")
   with pytest.raises(RunError, match="does not exist"):
     _open(tmp_path / "nowhere")
+
+
+def test_damaged_checkpoint_is_not_scored(trained, tmp_path):
+  workdir = tmp_path / "w"
+  shutil.copytree(trained[0], workdir)
+  step = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+  path = workdir / "checkpoints" / str(step) / "meta" / "metadata"
+  text = path.read_text()
+  i = next(i for i, c in enumerate(text) if c.isdigit())
+  path.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])  # still JSON
+  with pytest.raises(RunError, match=f"step {step} .* failed verification: checksum mismatch "
+                                     f"in its metadata"):
+    _open(workdir)
 
 
 def test_output_paths(tmp_path):
