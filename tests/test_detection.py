@@ -285,6 +285,21 @@ def test_tiny_end_to_end_beats_an_untrained_head(tmp_path):
   assert spp["map_11point"] > spp["untrained"]["map_11point"] + 0.05
 
 
+def test_a_workdir_in_use_is_refused_before_anything_is_written(tmp_path):
+  from spp_jax.detection import run
+  from spp_jax.errors import WorkdirLockedError
+  from spp_jax.train.lock import WorkdirLock
+
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  (workdir / "results.json").write_text("{}")  # an earlier run's
+  config = ml_collections.ConfigDict({"data": {"name": "never read"}})
+  with WorkdirLock(workdir):
+    with pytest.raises(WorkdirLockedError, match="in use"):
+      run(config, str(workdir), log=lambda m: None)
+  assert sorted(os.listdir(workdir)) == ["results.json"]
+
+
 def test_backbone_comes_from_a_classification_run_by_name(tmp_path):
   """load_backbone copies every conv and fc layer of a classification checkpoint and keeps the
   detection model's own (classes + 1)-way classifier."""

@@ -21,12 +21,14 @@ import time
 import numpy as np
 from flax import nnx
 
+from spp_jax import paths
 from spp_jax.detection import proposals as proposals_lib
 from spp_jax.detection import scenes as scenes_lib
 from spp_jax.detection.bbox_regression import fit_box_regressor
 from spp_jax.detection.evaluate import detect, voc_map
 from spp_jax.detection.features import WindowFeatures
 from spp_jax.detection.head import FC_LAYERS, Scorer, collect_windows, finetune
+from spp_jax.train.lock import WorkdirLock
 from spp_jax.train.model import model_options
 
 
@@ -49,8 +51,8 @@ def build_model(model_cfg, num_classes: int, seed: int):
 
 
 def _has_checkpoint(workdir: str) -> bool:
-  ckpt = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(ckpt) and any(n.isdigit() for n in os.listdir(ckpt))
+  ckpt = paths.path(workdir, "backbone.workdir") / "checkpoints"
+  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
 
 
 def load_backbone(model, backbone_cfg, log=print) -> str:
@@ -172,11 +174,19 @@ def _run_path(name, featurize, base_model, train, train_props, test, test_props,
 
 
 def run(config, workdir: str, log=print) -> dict:
-  """Runs the pipeline of `config` (see configs/detect_demo.py); returns and saves results."""
+  """Runs the pipeline of `config` (see configs/detect_demo.py); returns and saves results.
+
+  workdir: local or gs://; one run at a time holds it (workdir/.lock, train/lock.py), and
+  config.json and results.json are replaced atomically, never left half written.
+  """
+  with WorkdirLock(workdir):
+    return _run(config, paths.path(workdir, "workdir"), log)
+
+
+def _run(config, workdir, log) -> dict:
   start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  workdir.mkdir(parents=True, exist_ok=True)
+  paths.write_atomic(workdir / "config.json", config.to_json_best_effort(indent=1))
 
   data = config.data
   train = scenes_lib.load_scenes(data, data.train_split)
@@ -219,9 +229,8 @@ def run(config, workdir: str, log=print) -> dict:
   results["map_11point"] = results["spp"]["map_11point"]
   results["map_area"] = results["spp"]["map_area"]
   results["seconds"] = time.perf_counter() - start
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  log(f"results in {os.path.join(workdir, 'results.json')}: mAP {results['map_11point']:.4f} "
+  paths.write_atomic(workdir / "results.json", json.dumps(results, indent=1))
+  log(f"results in {workdir / 'results.json'}: mAP {results['map_11point']:.4f} "
       f"(VOC07 11-point), {results['map_area']:.4f} (area); {results['seconds']:.0f} s")
   return results
 
