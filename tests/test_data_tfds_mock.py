@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from spp_jax import data
 from spp_jax.data import sources
+from spp_jax.errors import DataError
 
 # name, eval split, number of classes in the builder's features
 REAL = [("imagenette/full-size-v2", "validation", 10),
@@ -72,8 +73,10 @@ def test_real_builders_read_through_data_source(name, eval_split, classes):
 
 def test_unprepared_data_set_names_the_prepare_command(tmp_path):
   cfg = _cfg("oxford_flowers102", "test", data_dir=str(tmp_path))
-  with pytest.raises(ValueError, match="spp_jax.data.prepare --dataset oxford_flowers102"):
+  with pytest.raises(DataError, match="oxford_flowers102 split 'train' is not prepared in") as e:
     data.num_examples(cfg, "train")
+  assert e.value.hint == (f"prepare it once with: python -m spp_jax.data.prepare --dataset "
+                          f"oxford_flowers102 --data_dir {tmp_path}")
 
 
 def test_mocked_split_is_shared_between_processes():

@@ -164,14 +164,14 @@ class _Unprepared(fakes.SyntheticData):
   """As the data module for a data set that was never prepared."""
 
   def num_examples(self, data_cfg, split):
-    raise ValueError(f"synthetic split {split!r} is not prepared in /data/synthetic/1.0.0: "
-                     f'"no files". Prepare it as array_record with: python -m '
-                     f"spp_jax.data.prepare --dataset synthetic")
+    raise DataError(f"synthetic split {split!r} is not prepared in /data/synthetic/1.0.0",
+                    hint="prepare it once with: python -m spp_jax.data.prepare --dataset "
+                         "synthetic")
 
 
 def test_failed_start_in_a_new_workdir_leaves_nothing(tmp_path):
-  with pytest.raises(DataError, match=r"synthetic split 'train' is not prepared in "
-                     r"/data/synthetic/1.0.0$") as e:
+  with pytest.raises(DataError, match=r"^config.data.name='synthetic': synthetic split 'train' "
+                     r"is not prepared in /data/synthetic/1.0.0$") as e:
     _run(tmp_path / "w", data=_Unprepared())
   assert e.value.hint == "prepare it once with: python -m spp_jax.data.prepare --dataset synthetic"
   with pytest.raises(ConfigError, match="batch_size=128 is larger than the training split"):

@@ -55,6 +55,7 @@ from PIL import Image
 
 from spp_jax import paths
 from spp_jax.data import _tfds_compat
+from spp_jax.errors import DataError
 
 _tfds_compat.install()
 
@@ -270,8 +271,8 @@ def prepare_resized(name: str, data_dir: str | None, max_short_side: int, *,
   src = os.fspath(builder.data_path)
   root = os.fspath(builder._data_dir_root)  # pylint: disable=protected-access
   if not os.path.exists(os.path.join(src, "dataset_info.json")):
-    raise ValueError(f"{name} is not prepared in {root}: "
-                     f"{sources.prepare_command(name, data_dir)}")
+    raise DataError(f"{name} is not prepared in {root}",
+                    hint=f"prepare it once with: {sources.prepare_command(name, data_dir)}")
   resized_dir = resized_dir or f"{root.rstrip(os.sep)}-max{max_short_side}"
   dst = os.path.join(resized_dir, os.path.relpath(src, root))
   tmp = dst + ".incomplete"

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from spp_jax import paths
+from spp_jax.errors import DataError
 from spp_jax.data import multiscale_fashion_mnist  # noqa: F401  (registers the builder)
 from spp_jax.data import transforms
 from spp_jax.data.settings import DataSettings, data_settings
@@ -38,9 +39,25 @@ def base_name(name: str) -> str:
   return name.split("/")[0].split(":")[0]
 
 
-def prepare_command(name: str, data_dir: str | None) -> str:
+def prepare_command(name: str, data_dir: str | None, source_dir: str | None = None) -> str:
+  """The command that prepares a data set, with --manual_dir when its TFDS builder needs
+  manually downloaded files (imagenet2012: its tar files)."""
   out = f"python -m spp_jax.data.prepare --dataset {name}"
-  return out + (f" --data_dir {data_dir}" if data_dir else "")
+  out += f" --data_dir {data_dir}" if data_dir else ""
+  try:
+    manual = bool(getattr(tfds.builder_cls(base_name(name)), "MANUAL_DOWNLOAD_INSTRUCTIONS",
+                          None))
+  except Exception:  # noqa: BLE001 - not a TFDS builder: no manual files to name
+    manual = False
+  return out + (f" --manual_dir {source_dir or 'DIR_WITH_THE_DOWNLOADED_FILES'}" if manual
+                else "")
+
+
+def not_prepared(settings: DataSettings, what: str, where) -> DataError:
+  """The one error for a data set (or split) that was not prepared, naming the command."""
+  command = prepare_command(settings.name, settings.data_dir, settings.source_dir)
+  return DataError(f"{what} is not prepared in {where}",
+                   hint=f"prepare it once with: {command}")
 
 
 def get_builder(settings: DataSettings) -> tfds.core.DatasetBuilder:
@@ -65,9 +82,8 @@ def ensure_prepared(settings: DataSettings, *, process_count: int = 1
   builder = get_builder(settings)
   if base_name(settings.name) == EMBEDDED and not _is_prepared(builder):
     if process_count > 1:
-      raise ValueError(f"{settings.name} is not prepared in {builder.data_dir}; prepare it once "
-                       f"before a multi-process run: "
-                       f"{prepare_command(settings.name, settings.data_dir)}")
+      raise not_prepared(settings, f"{settings.name} (before a multi-process run)",
+                         builder.data_dir)
     if paths.is_remote(builder.data_dir):  # prepared locally, then copied up (data/prepare.py)
       from spp_jax.data import prepare
       return prepare.prepare(settings.name, settings.data_dir, source_dir=settings.source_dir)
@@ -146,13 +162,12 @@ def open_source(data_cfg, split: str, *, process_count: int = 1) -> Source:
   try:
     records = builder.as_data_source(split=split, decoders=decoders)
   except (AssertionError, FileNotFoundError, KeyError) as e:
-    raise ValueError(f"{settings.name} split {split!r} is not prepared in "
-                     f"{builder.data_dir}: {e}. Prepare it as array_record with: "
-                     f"{prepare_command(settings.name, settings.data_dir)}") from None
+    raise not_prepared(settings, f"{settings.name} split {split!r}", builder.data_dir) from e
   except (NotImplementedError, ValueError) as e:
-    raise ValueError(f"cannot read {settings.name} split {split!r} with tfds.data_source "
-                     f"({e}); it must be prepared as array_record: "
-                     f"{prepare_command(settings.name, settings.data_dir)}") from None
+    raise DataError(f"cannot read {settings.name} split {split!r} with tfds.data_source "
+                    f"({e}); it must be prepared as array_record", hint=f"prepare it once with: "
+                    f"{prepare_command(settings.name, settings.data_dir, settings.source_dir)}"
+                    ) from e
   return Source(records, image_key, label_key, settings.name, split)
 
 

@@ -47,42 +47,20 @@ class RunSetup:
   abstract_state: Any = None  # when the workdir holds checkpoints
 
 
-_PREPARE = "python -m spp_jax.data.prepare"
-
-
-def prepare_hint(data_cfg) -> str:
-  """The command that prepares config.data's data set, with --manual_dir when the TFDS
-  builder needs manually downloaded files (imagenet2012: its tar files)."""
-  name = data_cfg.name
-  command = f"{_PREPARE} --dataset {name}"
-  if data_cfg.get("data_dir"):
-    command += f" --data_dir {data_cfg.data_dir}"
-  try:
-    import tensorflow_datasets as tfds
-    manual = bool(getattr(tfds.builder_cls(name.split("/")[0].split(":")[0]),
-                          "MANUAL_DOWNLOAD_INSTRUCTIONS", None))
-  except Exception:  # noqa: BLE001 - not a TFDS builder: no manual files to name
-    manual = False
-  if manual:
-    command += f" --manual_dir {data_cfg.get('source_dir') or 'DIR_WITH_THE_DOWNLOADED_FILES'}"
-  return f"prepare it once with: {command}"
-
-
 @contextlib.contextmanager
 def _data_errors(data_cfg):
-  """The data module's errors (a data set not found or not prepared) as one-line DataErrors."""
+  """The data module's errors as one-line DataErrors naming config.data.name (a data set that
+  is not prepared is already a DataError with the prepare command as its hint)."""
+  prefix = f"config.data.name={data_cfg.name!r}"
   try:
     yield
+  except DataError as e:
+    raise DataError(f"{prefix}: {one_line(str(e))}", hint=e.hint) from e
   except (ExpectedError, ConfigError):
     raise
   except (ValueError, FileNotFoundError, KeyError, AssertionError) as e:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    hint = None
-    if "not prepared" in first or _PREPARE in first:
-      first = first.split(". Prepare it")[0].split("; prepare it")[0]
-      first = first.split(': "')[0]  # the TFDS cause after the directory, when quoted
-      hint = prepare_hint(data_cfg)
-    raise DataError(f"config.data.name={data_cfg.name!r}: {one_line(first)}", hint=hint) from e
+    raise DataError(f"{prefix}: {one_line(first)}") from e
 
 
 def _data_facts(config, data: DataSource, data_cfg) -> tuple[int, int]:
