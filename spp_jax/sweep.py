@@ -21,9 +21,11 @@ Commands:
 
 Each variant trains in its own workdir `DIR/<variant>` through `python -m spp_jax.main`, so a
 variant whose `results.json` exists is skipped and an unfinished one resumes from its last
-checkpoint. Collecting writes `DIR/results.csv` (one row per variant), `DIR/summary.md` (mean ±
-std over `average_over`) and `DIR/plot.png` (top-1 per category of the `x` axis: a dot with a
-±std error bar per view, side by side, titled with the data set, the network and n).
+checkpoint. A view scored afterwards at the final checkpoint (`python -m spp_jax.evaluate
+--workdir DIR/<variant> --views ...`) joins the variant's row (`later_evaluations`).
+Collecting writes `DIR/results.csv` (one row per variant), `DIR/summary.md` (mean ± std over
+`average_over`) and `DIR/plot.png` (top-1 per category of the `x` axis: a dot with a ±std
+error bar per view, side by side, titled with the data set, the network and n).
 DIR may be gs://bucket/sweep (spp_jax/paths.py): the variants' logs are then written locally
 while they run and copied to DIR/<variant>/log.txt after.
 """
@@ -192,16 +194,44 @@ def slurm_script(sweep: ml_collections.ConfigDict, sweep_dir: str, sweep_file: s
 
 
 def collect(sweep: ml_collections.ConfigDict, sweep_dir: str) -> list[dict]:
-  """One row per finished variant: its labels and every metric of its results.json."""
+  """One row per finished variant: its labels, every metric of its results.json, and the
+  views scored later at its final checkpoint (`later_evaluations`)."""
   rows = []
   for variant in sweep.variants:
-    path = path_lib.path(os.path.join(sweep_dir, variant["name"], RESULTS_FILE))
+    workdir = os.path.join(sweep_dir, variant["name"])
+    path = path_lib.path(os.path.join(workdir, RESULTS_FILE))
     if not path.exists():
       continue
     results = json.loads(path.read_text())
     metrics = {k: v for k, v in results.items() if isinstance(v, (int, float))}
-    rows.append({"variant": variant["name"], **variant["labels"], **metrics})
+    rows.append({"variant": variant["name"], **variant["labels"],
+                 **later_evaluations(workdir), **metrics})
   return rows
+
+
+def later_evaluations(workdir: str) -> dict[str, float]:
+  """Metrics of `python -m spp_jax.evaluate` reports in workdir/eval/*.json that scored the
+  run's final checkpoint on its own data set and eval split: a view added to a finished
+  sweep without training again. Reports of other steps, data sets or splits are left out."""
+  root = path_lib.path(workdir)
+  try:
+    data = json.loads((root / "config.json").read_text())["data"]
+    name, split = data["name"], data["eval_split"]
+    steps = [int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit()]
+    reports = sorted((root / "eval").glob("*.json")) if (root / "eval").is_dir() else []
+  except (OSError, ValueError, KeyError, TypeError):
+    return {}
+  out = {}
+  for report_path in reports:
+    try:
+      report = json.loads(report_path.read_text())
+    except (OSError, ValueError):
+      continue
+    if (report.get("data"), report.get("split"), report.get("step")) == (
+        name, split, max(steps, default=None)):
+      out.update({k: v for k, v in report.get("results", {}).items()
+                  if isinstance(v, (int, float))})
+  return out
 
 
 def summarize(sweep: ml_collections.ConfigDict, rows: Sequence[dict]) -> tuple[list, list, dict]:

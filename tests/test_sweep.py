@@ -28,7 +28,9 @@ FAKE_TRAINER = textwrap.dedent('''
     results = {"center/top1": acc, "center/top5": 0.9, "steps": 10}
     if head == "spp":  # like the real no-SPP runs, which have no full-image view
       results.update({"full/top1": acc + 0.02, "full/top5": 0.95})
-    config = {"data": {"name": "multiscale_fashion_mnist/small"}, "model": {"name": "small"}}
+    config = {"data": {"name": "multiscale_fashion_mnist/small", "eval_split": "test"},
+              "model": {"name": "small"}}
+    os.makedirs(os.path.join(workdir, "checkpoints", "10"), exist_ok=True)
     json.dump(config, open(os.path.join(workdir, "config.json"), "w"))
     json.dump(results, open(os.path.join(workdir, "results.json"), "w"))
 ''')
@@ -92,6 +94,30 @@ def test_run_skips_finished_reruns_failed_and_reports(fake_sweep, tmp_path):
   if os.environ.get("SPP_JAX_PLOT_DIR"):
     import shutil
     shutil.copy(paths["plot"], os.path.join(os.environ["SPP_JAX_PLOT_DIR"], "sweep_run.png"))
+
+
+def test_views_scored_later_at_the_final_step_join_the_rows(fake_sweep, tmp_path):
+  d = str(tmp_path / "sweep")
+  sweep.run(fake_sweep, d)
+  sweep.run(fake_sweep, d)
+  workdir = os.path.join(d, "levels=2-1,seed=0")
+  os.makedirs(os.path.join(workdir, "checkpoints", "5"))  # an older checkpoint kept too
+  os.makedirs(os.path.join(workdir, "eval"))
+  def report(name, step, split="test", data="multiscale_fashion_mnist/small", top1=0.7):
+    with open(os.path.join(workdir, "eval", name), "w") as f:
+      json.dump({"step": step, "data": data, "split": split,
+                 "results": {"feature_multiview/top1": top1, "center/top1": 0.0}}, f)
+  report("final.json", 10)
+  report("older.json", 5, top1=0.1)
+  report("train.json", 10, split="train", top1=0.2)
+  report("other.json", 10, data="imagenette", top1=0.3)
+  rows = {r["variant"]: r for r in sweep.collect(fake_sweep, d)}
+  assert rows["levels=2-1,seed=0"]["feature_multiview/top1"] == 0.7
+  assert rows["levels=2-1,seed=0"]["center/top1"] == pytest.approx(0.52)  # training's own
+  assert "feature_multiview/top1" not in rows["levels=2-1,seed=1"]
+  sweep.write_reports(fake_sweep, d)
+  table = open(os.path.join(d, "summary.md")).read()
+  assert "multi-view (feature maps) top-1 (%)" in table
 
 
 def test_bad_declarations():
