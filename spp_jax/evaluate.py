@@ -333,7 +333,7 @@ def main(argv):
                           views=f.views, batch_size=f.batch_size)
     path = f.output or default_output(run, report)
     write_json(path, report)
-  except (RunError, ConfigError, ValueError) as e:
+  except (RunError, ConfigError, errors.ExpectedError, ValueError) as e:
     errors.report(e)
     return 1
   print(f"{report['data']} split {report['split']!r}, step {run.step} of {run.workdir}:")

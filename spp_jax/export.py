@@ -322,7 +322,7 @@ def main(argv):
     programs, leaves, manifest = export_forms(run, f.forms, canvas=canvas,
                                               platforms=f.platforms)
     size = save(f.output, programs, leaves, manifest)
-  except (RunError, ExportError, ValueError) as e:
+  except (RunError, ExportError, errors.ExpectedError, ValueError) as e:
     errors.report(e)
     return 1
   forms = ", ".join(f"{k} ({len(v) / 1e3:.0f} kB)" for k, v in programs.items())

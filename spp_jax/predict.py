@@ -208,7 +208,7 @@ def main(argv):
   try:
     run = open_run(f.workdir, f.step)
     results, skipped = predict(run, paths, view=f.view, top_k=f.top_k, batch_size=f.batch_size)
-  except (RunError, ValueError) as e:
+  except (RunError, errors.ExpectedError, ValueError) as e:
     errors.report(e)
     return 1
   for s in skipped:

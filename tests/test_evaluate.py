@@ -121,7 +121,8 @@ def test_command_line(tmp_path):
 
   for args, message in [
       (("--workdir", str(tmp_path)), "not a training workdir"),
-      (("--workdir", workdir, "--split", "nosuchsplit"), "nosuchsplit"),
+      (("--workdir", workdir, "--split", "nosuchsplit"),
+       "has no split 'nosuchsplit'; its splits: test, train"),
       (("--workdir", workdir, "--views", "nosuchview"), "unknown view 'nosuchview'"),
       (("--workdir", workdir, "--output", "/proc/nope/x.json"), "cannot write"),
   ]:

@@ -183,7 +183,7 @@ def test_sweep_array_runs_under_fake_srun_then_collects(processes, nodes, tmp_pa
   subprocess.run(["sh", "-c", wrap], env=dict(os.environ, JAX_PLATFORMS="cpu"), check=True,
                  capture_output=True)  # what the dependent job runs
   summary = (sweep_dir / "summary.md").read_text()
-  assert "| 2-1 | 2 | 50.50 ± 0.71 |" in summary, summary
+  assert "| {2, 1} | 2 | 50.50 ± 0.71 |" in summary, summary
 
 
 @pytest.mark.parametrize("finished", [False, True])

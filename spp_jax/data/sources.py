@@ -41,9 +41,11 @@ def base_name(name: str) -> str:
 
 def prepare_command(name: str, data_dir: str | None, source_dir: str | None = None) -> str:
   """The command that prepares a data set, with --manual_dir when its TFDS builder needs
-  manually downloaded files (imagenet2012: its tar files)."""
+  manually downloaded files (imagenet2012: its tar files), or the embedded set's --source_dir."""
   out = f"python -m spp_jax.data.prepare --dataset {name}"
   out += f" --data_dir {data_dir}" if data_dir else ""
+  if base_name(name) == EMBEDDED:  # built from Debian's idx files, not from a download
+    return out + (f" --source_dir {source_dir}" if source_dir else "")
   try:
     manual = bool(getattr(tfds.builder_cls(base_name(name)), "MANUAL_DOWNLOAD_INSTRUCTIONS",
                           None))
@@ -159,6 +161,10 @@ def open_source(data_cfg, split: str, *, process_count: int = 1) -> Source:
   image_key, label_key = feature_keys(builder.info)
   raw = settings.decoder in ("pillow", "opencv")  # the pipeline decodes the bytes itself
   decoders = {image_key: tfds.decode.SkipDecoding()} if raw else None
+  known = sorted(builder.info.splits.keys()) if _is_prepared(builder) else []
+  wanted = [part.split("[")[0].strip() for part in split.split("+")]  # "train[:10%]+test"
+  if known and not set(wanted) <= set(known):
+    raise DataError(f"{settings.name} has no split {split!r}; its splits: {', '.join(known)}")
   try:
     records = builder.as_data_source(split=split, decoders=decoders)
   except (AssertionError, FileNotFoundError, KeyError) as e:
