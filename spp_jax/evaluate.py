@@ -66,25 +66,14 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _manager(workdir: str):
-  """orbax's read-only CheckpointManager over workdir/checkpoints (writes nothing)."""
-  import orbax.checkpoint as ocp
-
-  from spp_jax.train.process_json import ProcessJsonHandler  # also registers its args
-
-  directory = _root(workdir) / CHECKPOINTS
-  handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-              "data": ProcessJsonHandler(), "manifest": ocp.JsonCheckpointHandler()}
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-  return ocp.CheckpointManager(directory, item_handlers=handlers, options=options)
-
-
 def checkpoint_steps(workdir: str) -> list[int]:
   """The saved steps of a workdir (finished saves only), oldest first; [] when none."""
   directory = _root(workdir) / CHECKPOINTS
   if not directory.is_dir() or not any(directory.iterdir()):
     return []
-  with _manager(workdir) as manager:
+  from spp_jax.train.checkpoint import read_only_manager
+
+  with read_only_manager(directory) as manager:
     return sorted(int(s) for s in manager.all_steps())
 
 
@@ -102,7 +91,7 @@ def _choose_step(workdir: str, step: int | None) -> int:
 
 
 def _classes_in(tree: Any) -> int | None:
-  """Outputs of the classifier layer in checkpoint metadata (params/classifier/kernel)."""
+  """Outputs of the classifier layer of a restored state (params/classifier/kernel)."""
   try:
     node = tree["params"]["classifier"]["kernel"]
   except (KeyError, TypeError):
@@ -142,11 +131,8 @@ def open_run(workdir: str, step: int | None = None, *, models=None, data=None) -
   tests pass the fakes of tests/fakes.py. Raises RunError (one line) for a workdir that is
   not a run, has no checkpoint, or lacks the step.
   """
-  import jax
-  import orbax.checkpoint as ocp
-
-  from spp_jax.train import integrity, parallel, schedules, state as state_lib
-  from spp_jax.train.checkpoint import from_nested
+  from spp_jax.train import parallel, schedules, state as state_lib
+  from spp_jax.train.checkpoint import from_nested, read_verified
   from spp_jax.train.loop import prepared_data_config
   from spp_jax.train.model import default_registry, model_spec
 
@@ -157,32 +143,20 @@ def open_run(workdir: str, step: int | None = None, *, models=None, data=None) -
   spec = model_spec(models, config.model)
   mesh = parallel.make_mesh()
   rep = parallel.replicated(mesh)
-  with _manager(workdir) as manager:
-    meta = manager.item_metadata(step)["state"]
-    num_classes = _classes_in(meta)
-    if num_classes is None:
-      if data is None:
-        from spp_jax import data
-      num_classes = int(data.num_classes(config.data))
-    tx = schedules.make_optimizer(config.optimizer, lambda count: 0.0)  # the saved structure
-    abstract = state_lib.abstract_train_state(models, config.model, num_classes,
-                                              int(config.seed), tx, rep)
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=rep), meta,
-                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    try:
-      got = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
-          manifest=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types for bad files
-      raise RunError(f"the checkpoint at step {step} in {workdir} cannot be read: "
-                     f"{type(e).__name__}: {errors.one_line(str(e))[:200]}") from None
-  # The checksums training wrote (train/integrity.py): never score a damaged checkpoint.
-  problem = integrity.verify(got.manifest, got.state, dict(got.meta))
-  if problem:
-    raise RunError(f"the checkpoint at step {step} in {workdir} failed verification: "
-                   f"{problem}; score another step with --step")
   try:
-    state = from_nested(got.state, abstract)
+    step, saved, _ = read_verified(_root(workdir) / CHECKPOINTS, step, sharding=rep)
+  except errors.DamagedCheckpointError as e:
+    raise RunError(f"{e}; score another step with --step") from None
+  num_classes = _classes_in(saved)
+  if num_classes is None:
+    if data is None:
+      from spp_jax import data
+    num_classes = int(data.num_classes(config.data))
+  tx = schedules.make_optimizer(config.optimizer, lambda count: 0.0)  # the saved structure
+  abstract = state_lib.abstract_train_state(models, config.model, num_classes,
+                                            int(config.seed), tx, rep)
+  try:
+    state = from_nested(saved, abstract)
   except (KeyError, TypeError) as e:
     raise RunError(f"the checkpoint at step {step} in {workdir} does not hold the network of "
                    f"its config.json ({e!r} missing)") from None

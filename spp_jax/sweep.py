@@ -213,11 +213,13 @@ def later_evaluations(workdir: str) -> dict[str, float]:
   """Metrics of `python -m spp_jax.evaluate` reports in workdir/eval/*.json that scored the
   run's final checkpoint on its own data set and eval split: a view added to a finished
   sweep without training again. Reports of other steps, data sets or splits are left out."""
+  from spp_jax.train.init_from import saved_steps
+
   root = path_lib.path(workdir)
   try:
     data = json.loads((root / "config.json").read_text())["data"]
     name, split = data["name"], data["eval_split"]
-    steps = [int(p.name) for p in (root / "checkpoints").iterdir() if p.name.isdigit()]
+    steps = saved_steps(workdir, "sweep variant")
     reports = sorted((root / "eval").glob("*.json")) if (root / "eval").is_dir() else []
   except (OSError, ValueError, KeyError, TypeError):
     return {}

@@ -51,8 +51,8 @@ def build_model(model_cfg, num_classes: int, seed: int):
 
 
 def _has_checkpoint(workdir: str) -> bool:
-  ckpt = paths.path(workdir, "backbone.workdir") / "checkpoints"
-  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+  from spp_jax.train.init_from import saved_steps
+  return bool(saved_steps(workdir, "backbone.workdir"))
 
 
 def load_backbone(model, backbone_cfg, log=print) -> str:

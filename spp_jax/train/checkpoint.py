@@ -361,27 +361,51 @@ class Checkpointer:
         log.debug("closing the checkpoint manager: %s", e)
 
 
-def _read_only_restore(directory: str, step: int | None):
-  """(step, nested state, meta, manifest) of a checkpoint, read with the shapes it was saved
-  with (no model, mesh or config needed)."""
+def read_only_manager(directory):
+  """orbax's read-only CheckpointManager over a checkpoints directory (it writes nothing, so a
+  running workdir can be read)."""
   ocp = _ocp()
   from spp_jax.train.process_json import ProcessJsonHandler
   handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
               "data": ProcessJsonHandler(), "manifest": ocp.JsonCheckpointHandler()}
-  with ocp.CheckpointManager(directory, item_handlers=handlers,
-                             options=ocp.CheckpointManagerOptions(
-                                 read_only=True, create=False, save_interval_steps=0)) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise DamagedCheckpointError(f"no checkpoint in {directory}")
-    meta = manager.item_metadata(step)["state"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          meta, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    got = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
-        manifest=ocp.args.JsonRestore()))
-  return step, got.state, dict(got.meta), got.manifest
+  return ocp.CheckpointManager(directory, item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(
+                                   read_only=True, create=False, save_interval_steps=0))
+
+
+def read_verified(directory, step: int | None = None, sharding=None) -> tuple[int, dict, dict]:
+  """(step, nested state, meta) of the checkpoint at `step` (None: the latest), read with the
+  shapes it was saved with (no model, mesh or config needed) and verified against its
+  manifest. sharding: every array's (default: the first local device).
+
+  Raises:
+    DamagedCheckpointError when there is no checkpoint, it cannot be read, or it fails
+    verification.
+  """
+  ocp = _ocp()
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  try:
+    with read_only_manager(directory) as manager:
+      step = manager.latest_step() if step is None else step
+      if step is None:
+        raise DamagedCheckpointError(f"no checkpoint in {directory}")
+      meta = manager.item_metadata(step)["state"]
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                            meta, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+      got = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
+          manifest=ocp.args.JsonRestore()))
+  except DamagedCheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types for bad files
+    raise DamagedCheckpointError(f"cannot read the checkpoint in {directory}: "
+                                 f"{type(e).__name__}: {one_line(str(e))[:200]}") from e
+  problem = integrity.verify(got.manifest, got.state, dict(got.meta))
+  if problem:
+    raise DamagedCheckpointError(f"the checkpoint at step {step} in {directory} failed "
+                                 f"verification: {problem}")
+  return step, got.state, dict(got.meta)
 
 
 def load_params(workdir: str, step: int | None = None) -> dict:
@@ -393,18 +417,7 @@ def load_params(workdir: str, step: int | None = None) -> dict:
   Raises:
     DamagedCheckpointError when there is no checkpoint or it fails verification.
   """
-  directory = paths.path(workdir, "workdir") / "checkpoints"
-  try:
-    step, state, meta, manifest = _read_only_restore(directory, step)
-  except DamagedCheckpointError:
-    raise
-  except Exception as e:  # noqa: BLE001
-    raise DamagedCheckpointError(f"cannot read the checkpoint in {directory}: "
-                                 f"{type(e).__name__}: {one_line(str(e))[:200]}") from e
-  problem = integrity.verify(manifest, state, meta)
-  if problem:
-    raise DamagedCheckpointError(f"the checkpoint at step {step} in {directory} failed "
-                                 f"verification: {problem}")
+  _, state, _ = read_verified(paths.path(workdir, "workdir") / "checkpoints", step)
   return _strip_value(jax.tree.map(np.asarray, state["params"]))
 
 

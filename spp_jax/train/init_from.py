@@ -107,8 +107,10 @@ def match(target: Mapping[str, object], source: Mapping[str, object], *, where: 
   return out, report
 
 
-def saved_steps(workdir: str) -> list[int]:
-  directory = paths.path(workdir, "config.init_from") / "checkpoints"
+def saved_steps(workdir: str, what: str = "config.init_from") -> list[int]:
+  """The steps of workdir/checkpoints/<step> directories, oldest first (what: the workdir's
+  name in an error)."""
+  directory = paths.path(workdir, what) / "checkpoints"
   if not directory.is_dir():
     return []
   return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
