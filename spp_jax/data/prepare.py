@@ -272,7 +272,7 @@ def prepare_resized(name: str, data_dir: str | None, max_short_side: int, *,
   root = os.fspath(builder._data_dir_root)  # pylint: disable=protected-access
   if not os.path.exists(os.path.join(src, "dataset_info.json")):
     raise DataError(f"{name} is not prepared in {root}",
-                    hint=f"prepare it once with: {sources.prepare_command(name, data_dir)}")
+                    hint=sources.prepare_hint(name, data_dir))
   resized_dir = resized_dir or f"{root.rstrip(os.sep)}-max{max_short_side}"
   dst = os.path.join(resized_dir, os.path.relpath(src, root))
   tmp = dst + ".incomplete"

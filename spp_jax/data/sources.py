@@ -22,10 +22,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from spp_jax import paths
-from spp_jax.errors import DataError
 from spp_jax.data import multiscale_fashion_mnist  # noqa: F401  (registers the builder)
 from spp_jax.data import transforms
 from spp_jax.data.settings import DataSettings, data_settings
+from spp_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,15 @@ def prepare_command(name: str, data_dir: str | None, source_dir: str | None = No
                 else "")
 
 
+def prepare_hint(name: str, data_dir: str | None, source_dir: str | None = None) -> str:
+  """The hint line of every "not prepared" error."""
+  return f"prepare it once with: {prepare_command(name, data_dir, source_dir)}"
+
+
 def not_prepared(settings: DataSettings, what: str, where) -> DataError:
   """The one error for a data set (or split) that was not prepared, naming the command."""
-  command = prepare_command(settings.name, settings.data_dir, settings.source_dir)
   return DataError(f"{what} is not prepared in {where}",
-                   hint=f"prepare it once with: {command}")
+                   hint=prepare_hint(settings.name, settings.data_dir, settings.source_dir))
 
 
 def get_builder(settings: DataSettings) -> tfds.core.DatasetBuilder:
@@ -171,8 +175,8 @@ def open_source(data_cfg, split: str, *, process_count: int = 1) -> Source:
     raise not_prepared(settings, f"{settings.name} split {split!r}", builder.data_dir) from e
   except (NotImplementedError, ValueError) as e:
     raise DataError(f"cannot read {settings.name} split {split!r} with tfds.data_source "
-                    f"({e}); it must be prepared as array_record", hint=f"prepare it once with: "
-                    f"{prepare_command(settings.name, settings.data_dir, settings.source_dir)}"
+                    f"({e}); it must be prepared as array_record",
+                    hint=prepare_hint(settings.name, settings.data_dir, settings.source_dir)
                     ) from e
   return Source(records, image_key, label_key, settings.name, split)
 

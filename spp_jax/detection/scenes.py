@@ -307,11 +307,11 @@ def load_tfds(data_cfg, split: str) -> Scenes:
   try:
     source = builder.as_data_source(split=split)
   except (AssertionError, FileNotFoundError, KeyError, NotImplementedError, ValueError) as e:
-    from spp_jax.data.sources import prepare_command
+    from spp_jax.data.sources import prepare_hint
     from spp_jax.errors import DataError
     raise DataError(f"{data_cfg.name} split {split!r} is not prepared as array_record in "
-                    f"{builder.data_dir}", hint="prepare it once with: " + prepare_command(
-                        data_cfg.name, data_cfg.get("data_dir"))) from e
+                    f"{builder.data_dir}", hint=prepare_hint(data_cfg.name,
+                                                             data_cfg.get("data_dir"))) from e
   count = data_cfg.get(f"num_{split}")
   n = len(source) if not count else min(int(count), len(source))
   names = builder.info.features["objects"]["label"].names
